@@ -1,0 +1,1 @@
+"""juicecache: Prefect task caching shared by every machine that mounts the same JuiceFS volume."""

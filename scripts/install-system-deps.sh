@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Debian packages juicecache needs: FUSE for JuiceFS mounts, Redis for the shared metadata
+# engine, iproute2 for the multi-host tests. Installs only what is missing.
+set -euo pipefail
+packages=(fuse3 redis-server iproute2 procps)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "installing ${missing[*]} (apt-get)"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,73 @@
+"""`python main.py -input ...` on a real JuiceFS volume, against a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from juicecache.volume import MountState, mount_info
+from tests.conftest import Sandbox, is_mounted
+
+
+def run_json(box: Sandbox, *values: str, extra: tuple[str, ...] = ()) -> tuple[dict, float]:
+    done, seconds = box.timed("-input", *values, "--json", *extra)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout), seconds
+
+
+def test_miss_then_hit_on_the_volume(mounted: Sandbox) -> None:
+    first, first_seconds = run_json(mounted, "1", "2.5", "abc")
+    second, second_seconds = run_json(mounted, "1", "2.5", "abc")
+
+    assert first["cache"] == "miss" and first_seconds >= 3
+    assert second["cache"] == "hit" and second_seconds < 3 and second["seconds"] < 1
+    assert first["result"] == second["result"] == {"count": 3, "sum": 3.5, "text": "abc"}
+    assert first["inputs"] == [1, 2.5, "abc"]
+    assert first["key"] == second["key"]
+    entry = mounted.mount_point / "prefect-cache" / "records" / first["key"]
+    assert second["storage"] == str(entry) and entry.is_file()
+    assert (mounted.mount_point / "prefect-cache" / "data" / first["key"]).is_file()
+    assert mount_info(mounted.mount_point).state is MountState.LIVE and is_mounted(mounted.mount_point)
+    assert not mounted.fallback_dir.exists()
+
+
+def test_keys_follow_inputs_and_order(mounted: Sandbox) -> None:
+    a, _ = run_json(mounted, "1", "2")
+    b, _ = run_json(mounted, "2", "1")
+    again, _ = run_json(mounted, "1", "2")
+    assert a["key"] != b["key"]
+    assert again["key"] == a["key"] and again["cache"] == "hit"
+
+
+def test_human_output_says_what_happened(mounted: Sandbox) -> None:
+    done = mounted.run("-input", "7", "x")
+    assert done.returncode == 0, done.stderr
+    for expected in ("cache miss", "result", "key", "JuiceFS volume 'testvol'", "time"):
+        assert expected in done.stdout
+    assert "hit" in mounted.run("-input", "7", "x").stdout
+
+
+def test_refresh_recomputes(mounted: Sandbox) -> None:
+    run_json(mounted, "5")
+    refreshed, seconds = run_json(mounted, "5", extra=("--refresh",))
+    assert refreshed["cache"] == "miss" and seconds >= 3
+    assert run_json(mounted, "5")[0]["cache"] == "hit"
+
+
+def test_expire_makes_the_entry_a_miss_later(mounted: Sandbox) -> None:
+    first, _ = run_json(mounted, "9", extra=("--expire", "4s"))
+    written = time.monotonic()
+    assert run_json(mounted, "9")[0]["cache"] == "hit"
+    time.sleep(max(0.0, written + 4.5 - time.monotonic()))
+    assert run_json(mounted, "9")[0]["cache"] == "miss"
+
+
+def test_fallback_without_a_mount(sandbox: Sandbox) -> None:
+    sandbox.mount_point.mkdir(parents=True)  # exists, but nothing is mounted there
+    done = sandbox.run("-input", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "not mounted" in warnings[0] and "./start_juice.sh" in warnings[0]
+    report = json.loads(done.stdout)
+    assert report["storage"].startswith(str(sandbox.fallback_dir)) and report["volume"] is None
+    assert json.loads(sandbox.run("-input", "1", "--json").stdout)["cache"] == "hit"
