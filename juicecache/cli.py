@@ -51,7 +51,7 @@ def run_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Run the demo Prefect flow with its task cached on the shared JuiceFS volume.",
-        epilog="Other commands: mount, unmount, ui (see `main.py COMMAND --help`).",
+        epilog="Other commands: mount, unmount, ui, stack (see `main.py COMMAND --help`).",
     )
     parser.add_argument(
         "-input", "--input", dest="inputs", nargs="+", required=True, metavar="VALUE",
@@ -76,7 +76,13 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
     mount = _Parser(prog=f"{PROG} mount", description="Format (once) and mount the JuiceFS volume configured in .env.")
     unmount = _Parser(prog=f"{PROG} unmount", description="Unmount the JuiceFS volume; harmless when nothing is mounted.")
     ui = _Parser(prog=f"{PROG} ui", description="Start the Prefect server with its UI (PREFECT_UI_HOST:PREFECT_UI_PORT).")
-    return {"mount": mount, "unmount": unmount, "ui": ui}
+    stack = _Parser(
+        prog=f"{PROG} stack",
+        description="Start (up), stop (down) or check (status) a local Redis + SeaweedFS S3 stack serving "
+        "the shared profile's JFS_META_URL and JFS_BUCKET. Data lives under .juicecache/stack.",
+    )
+    stack.add_argument("action", choices=["up", "down", "status"])
+    return {"mount": mount, "unmount": unmount, "ui": ui, "stack": stack}
 
 
 def main(argv: Sequence[str] | None = None, root: Path | None = None) -> int:
@@ -85,9 +91,9 @@ def main(argv: Sequence[str] | None = None, root: Path | None = None) -> int:
         commands = command_parsers()
         if argv and argv[0] in commands:
             name = argv[0]
-            commands[name].parse_args(argv[1:])
+            options = commands[name].parse_args(argv[1:])
             settings = load_settings(root)
-            return COMMANDS[name](settings)
+            return COMMANDS[name](settings, options)
         args = run_parser().parse_args(argv)
         return run_demo(load_settings(root), args)
     except UsageError as exc:
@@ -181,17 +187,34 @@ def describe_failure(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def cmd_mount(settings: Settings) -> int:
+def cmd_mount(settings: Settings, options: argparse.Namespace) -> int:
     out.print(mount_volume(settings))
     return 0
 
 
-def cmd_unmount(settings: Settings) -> int:
+def cmd_unmount(settings: Settings, options: argparse.Namespace) -> int:
     out.print(unmount_volume(settings))
     return 0
 
 
-def cmd_ui(settings: Settings) -> int:
+def cmd_stack(settings: Settings, options: argparse.Namespace) -> int:
+    from juicecache.stack import StackError, start_stack, stack_config, stack_running, stop_stack
+
+    try:
+        config = stack_config(settings)
+        if options.action == "up":
+            start_stack(config)
+        elif options.action == "down":
+            stop_stack(config)
+        running = stack_running(config)
+    except StackError as exc:
+        raise CliError(str(exc)) from None
+    out.print(f"redis  {config.meta_url}  {'running' if running['redis'] else 'stopped'}")
+    out.print(f"s3     {config.bucket_url}  {'running' if running['s3'] else 'stopped'}")
+    return 0 if options.action == "down" or all(running.values()) else 1
+
+
+def cmd_ui(settings: Settings, options: argparse.Namespace) -> int:
     apply_prefect_settings(settings)
     os.environ.pop("PREFECT_API_URL", None)
     out.print(f"Prefect UI on http://{settings.ui_host}:{settings.ui_port} (Ctrl-C stops it)")
@@ -202,7 +225,12 @@ def cmd_ui(settings: Settings) -> int:
     )
 
 
-COMMANDS: dict[str, Callable[[Settings], int]] = {"mount": cmd_mount, "unmount": cmd_unmount, "ui": cmd_ui}
+COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "mount": cmd_mount,
+    "unmount": cmd_unmount,
+    "ui": cmd_ui,
+    "stack": cmd_stack,
+}
 
 
 def _answers(api_url: str, timeout: float) -> bool:

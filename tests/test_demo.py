@@ -19,8 +19,9 @@ def test_miss_then_hit_on_the_volume(mounted: Sandbox) -> None:
     first, first_seconds = run_json(mounted, "1", "2.5", "abc")
     second, second_seconds = run_json(mounted, "1", "2.5", "abc")
 
-    assert first["cache"] == "miss" and first_seconds >= 3
-    assert second["cache"] == "hit" and second_seconds < 3 and second["seconds"] < 1
+    assert first["cache"] == "miss" and first_seconds >= 3 and first["seconds"] >= 3
+    # The whole process includes Prefect's start-up (about 2 s); the run itself is what the cache saves.
+    assert second["cache"] == "hit" and second["seconds"] < 1 and second_seconds < first_seconds
     assert first["result"] == second["result"] == {"count": 3, "sum": 3.5, "text": "abc"}
     assert first["inputs"] == [1, 2.5, "abc"]
     assert first["key"] == second["key"]
