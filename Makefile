@@ -4,17 +4,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INPUT ?= 1 2 3
 
-.PHONY: setup system run test ui clean
+.PHONY: setup system run lint test ui clean
 
 setup: system $(VENV)/.installed
 
 system:
 	@scripts/install-system-deps.sh
 
-$(VENV)/.installed: requirements.txt
+# juicecache itself goes in editable, so the examples import it and `.venv/bin/juicecache`
+# exists (PYTHONWARNINGS silences setuptools' generic note about editable installs).
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # Mount the embedded volume (the demo still runs, on a local folder, if mounting fails).
@@ -22,7 +25,10 @@ run: setup
 	-./start_juice.sh
 	$(PY) main.py -input $(INPUT)
 
-test: setup
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest
 
 ui: setup

@@ -51,7 +51,7 @@ def run_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Run the demo Prefect flow with its task cached on the shared JuiceFS volume.",
-        epilog="Other commands: mount, unmount, ui, stack (see `main.py COMMAND --help`).",
+        epilog=f"Other commands: mount, unmount, ui, stack (see `{PROG} COMMAND --help`).",
     )
     parser.add_argument(
         "-input", "--input", dest="inputs", nargs="+", required=True, metavar="VALUE",
@@ -166,14 +166,14 @@ def prepare_prefect(settings: Settings, verbose: bool = False) -> str:
         if not _answers(explicit, timeout=3):
             raise CliError(
                 f"Prefect server not answering at {explicit} (PREFECT_API_URL): start it with "
-                "`python main.py ui`, or unset PREFECT_API_URL to run without one"
+                f"`{invocation('ui')}`, or unset PREFECT_API_URL to run without one"
             )
         return f"server at {explicit}"
     local = f"http://{settings.ui_host}:{settings.ui_port}/api"
     if _answers(local, timeout=0.3):
         os.environ["PREFECT_API_URL"] = local
         return f"server at {local} (UI: http://{settings.ui_host}:{settings.ui_port})"
-    return "temporary server (start `python main.py ui` to keep run history in the UI)"
+    return f"temporary server (start `{invocation('ui')}` to keep run history in the UI)"
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -198,7 +198,7 @@ def cmd_unmount(settings: Settings, options: argparse.Namespace) -> int:
 
 
 def cmd_stack(settings: Settings, options: argparse.Namespace) -> int:
-    from juicecache.stack import StackError, start_stack, stack_config, stack_running, stop_stack
+    from juicecache.stack import StackError, stack_config, stack_running, start_stack, stop_stack
 
     try:
         config = stack_config(settings)
@@ -250,3 +250,14 @@ def _route_warnings() -> None:
     logger.setLevel(logging.WARNING)
     logger.propagate = False
 
+
+def invocation(*args: str) -> str:
+    """How the user runs this command line, for hints: `python main.py ui` or `juicecache ui`."""
+    return " ".join(["python", PROG, *args] if PROG.endswith(".py") else [PROG, *args])
+
+
+def console() -> NoReturn:
+    """The `juicecache` command `pip install` creates: `python main.py` with the current folder as root."""
+    global PROG
+    PROG = "juicecache"
+    sys.exit(main())

@@ -102,7 +102,8 @@ def cache_location(settings: Settings) -> CacheLocation:
     reason = "is not mounted" if info.state is MountState.ABSENT else f"holds a {info.fstype} mount, not JuiceFS"
     warning = (
         f"JuiceFS volume {settings.volume_name!r} {reason} at {info.mount_point}; "
-        f"caching in the local folder {settings.fallback_dir} (not shared). Mount it with ./start_juice.sh"
+        f"caching in the local folder {settings.fallback_dir} (not shared). "
+        "Mount it with ./start_juice.sh (installed with pip: `juicecache mount`)"
     )
     return CacheLocation(settings.fallback_dir, False, None, warning)
 
