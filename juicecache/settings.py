@@ -142,8 +142,9 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS[match.group(2)])
 
 
-def default_root() -> Path:
-    return Path(os.environ.get(ROOT_ENV) or Path.cwd()).resolve()
+def project_root(default: Path | None = None) -> Path:
+    """`JUICECACHE_ROOT` if set, else `default` (the repository for main.py), else the current folder."""
+    return Path(os.environ.get(ROOT_ENV) or default or Path.cwd()).resolve()
 
 
 def load_env_file(root: Path) -> Path:
@@ -172,7 +173,7 @@ def load_env_file(root: Path) -> Path:
 
 def load_settings(root: Path | None = None) -> Settings:
     """Read `.env` (environment wins), apply defaults and resolve paths."""
-    root = (root or default_root()).resolve()
+    root = project_root(root)
     env_file = load_env_file(root)
 
     def get(name: str) -> str:

@@ -119,6 +119,7 @@ def sandbox_env(path: Path, api_url: str) -> dict[str, str]:
     return {
         **inherited,
         "JUICECACHE_ENV_FILE": str(env_file),
+        "PYTHONPATH": str(REPO),  # scripts under test import this tree's juicecache
         "JFS_NAME": "testvol",
         "JFS_META_URL": f"sqlite3://{path}/meta.db",
         "JFS_STORAGE": "file",

@@ -52,10 +52,13 @@ class Machine:
         return [sys.executable, str(script), *args]
 
     def run(self, *args: str, timeout: float = 120, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return self.host.run(
-            self.argv(*args), env={**self.env, **(extra_env or {})}, capture_output=True, text=True,
-            timeout=timeout, stdin=subprocess.DEVNULL, cwd=REPO,
-        )
+        try:
+            return self.host.run(
+                self.argv(*args), env={**self.env, **(extra_env or {})}, capture_output=True, text=True,
+                timeout=timeout, stdin=subprocess.DEVNULL, cwd=REPO,
+            )
+        except subprocess.TimeoutExpired as expired:
+            pytest.fail(f"{' '.join(args)} on {self.host.name} timed out; stderr: {expired.stderr!r}")
 
     def popen(self, *args: str, script: Path = MAIN, extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         return self.host.popen(
@@ -85,6 +88,7 @@ def shared_env(path: Path, storage_ip: str, ports: dict[str, int], password: str
     return {
         **inherited,
         "JUICECACHE_ENV_FILE": str(env_file),
+        "PYTHONPATH": str(REPO),
         "JFS_NAME": "sharedvol",
         "JFS_META_URL": f"redis://{storage_ip}:{ports['redis']}/1",
         "META_PASSWORD": password,
@@ -205,19 +209,23 @@ def test_killed_lock_holder_does_not_block_the_key(cluster: Cluster) -> None:
 
 
 def test_waiter_that_gives_up_says_so(cluster: Cluster) -> None:
+    """The lock is held through host A's mount by this test process, for as long as it takes."""
+    from juicecache.cli import parse_value
+    from juicecache.flow import cache_key
+    from juicecache.locking import FlockLockManager
+
     values = new_inputs()
-    holder = cluster.a.popen("-input", *values, "--json")
-    locks = cluster.a.mount_point / "prefect-cache" / "locks"
+    key = cache_key([parse_value(value) for value in values])
+    holder = FlockLockManager(lambda: cluster.a.mount_point / "prefect-cache" / "locks", lambda: 5.0)
+    holder.acquire_lock(key, "test-holder")
     try:
-        assert wait_until(lambda: _held_lock(locks), 60)
         done = cluster.b.run("-input", *values, extra_env={"JUICECACHE_LOCK_TIMEOUT": "0.5"})
-        assert done.returncode == 1
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and "gave up after 0.5 s waiting for the lock" in lines[0], done.stderr
-        assert "Traceback" not in done.stderr
     finally:
-        holder.communicate(timeout=60)
-    assert holder.returncode == 0
+        holder.release_lock(key, "test-holder")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"gave up after 0.5 s waiting for the lock on cache key {key}" in lines[0], done.stderr
+    assert "test-holder" in lines[0] and "Traceback" not in done.stderr
 
 
 def test_mount_dying_during_a_run_fails_fast(cluster: Cluster, tmp_path: Path) -> None:
@@ -227,7 +235,8 @@ def test_mount_dying_during_a_run_fails_fast(cluster: Cluster, tmp_path: Path) -
     assert machine.run("mount", timeout=90).returncode == 0
     try:
         run = machine.popen("-input", *new_inputs())
-        time.sleep(1.5)  # the task is now sleeping inside its 3 s
+        # Once the run holds its key's lock, the task is sleeping inside its 3 s.
+        assert wait_until(lambda: _held_lock(machine.mount_point / "prefect-cache" / "locks"), 60)
         for pid in juicefs_client_pids(machine.cache_dir):
             os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()

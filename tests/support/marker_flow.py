@@ -12,13 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from juicecache.settings import apply_prefect_settings, load_settings
-
-apply_prefect_settings(load_settings())
-
-from prefect import flow  # noqa: E402  (Prefect reads its settings at import)
-
-from juicecache.cache import cached_task  # noqa: E402
+# As a user's project sorts them: juicecache (third-party there) before prefect.
+from juicecache import cached_task
+from prefect import flow
 
 
 @cached_task(cache_key_fn=lambda context, parameters: parameters["token"])
