@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INPUT ?= 1 2 3
 
-.PHONY: setup system run lint test ui clean
+.PHONY: setup system run lint test screenshots ui clean
 
 setup: system $(VENV)/.installed
 
@@ -30,6 +30,10 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest
+
+# Refresh the README's pictures of the Prefect UI (docs/images) from the browser test.
+screenshots: setup
+	JUICECACHE_SCREENSHOTS=docs/images $(PY) -m pytest tests/test_ui.py
 
 ui: setup
 	$(PY) main.py ui

@@ -217,6 +217,10 @@ def cmd_stack(settings: Settings, options: argparse.Namespace) -> int:
 def cmd_ui(settings: Settings, options: argparse.Namespace) -> int:
     apply_prefect_settings(settings)
     os.environ.pop("PREFECT_API_URL", None)
+    # The UI asks its server where the API is, and Prefect answers from these two settings,
+    # not from --host/--port: without them a UI on another port shows another server's runs.
+    os.environ["PREFECT_SERVER_API_HOST"] = settings.ui_host
+    os.environ["PREFECT_SERVER_API_PORT"] = str(settings.ui_port)
     out.print(f"Prefect UI on http://{settings.ui_host}:{settings.ui_port} (Ctrl-C stops it)")
     sys.stdout.flush()
     os.execv(

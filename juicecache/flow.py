@@ -10,7 +10,8 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.context import TaskRunContext
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext, TaskRunContext
 
 from juicecache.cache import active, as_timedelta, cached_task, stable_hash
 from juicecache.storage import DATA, RECORDS
@@ -98,8 +99,34 @@ def demo_flow(values: list[Value], refresh: bool = False, expire: str | None = N
         saved_seconds=round(max(outcome["computed_seconds"] - seconds, 0.0), 3) if hit else 0.0,
         computed_on=outcome["computed_on"],
     )
-    create_markdown_artifact(markdown=artifact_markdown(report, cache.location.path / DATA / key), key="juicecache-cache")
+    create_markdown_artifact(
+        markdown=artifact_markdown(report, cache.location.path / DATA / key),
+        key="juicecache-cache",
+        description=artifact_description(report),
+    )
+    tag_flow_run(*run_tags(report))
     return report
+
+
+def run_tags(report: RunReport) -> list[str]:
+    """Tags that let the UI find runs by project, by cache outcome and by the volume used."""
+    return ["juicecache", f"cache:{report.cache}", f"volume:{report.volume or 'none'}"]
+
+
+def tag_flow_run(*labels: str) -> None:
+    """Add tags to the running flow run, through the API: the outcome is known only after the
+    task ran. (Tags on the task run itself would cost every hit a round trip: Prefect checks
+    tag concurrency limits for tagged tasks.)"""
+    run = FlowRunContext.get().flow_run
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run.id, tags=sorted({*run.tags, *labels}))
+
+
+def artifact_description(report: RunReport) -> str:
+    """The one line the UI shows on the artifact's card."""
+    if report.cache == "hit":
+        return f"cache hit: read in {report.seconds:.3f} s, saved {report.saved_seconds:.1f} s"
+    return f"cache miss: computed in {report.seconds:.3f} s"
 
 
 def artifact_markdown(report: RunReport, payload: Any) -> str:

@@ -42,6 +42,7 @@ DEFAULTS: dict[str, str] = {
     "PREFECT_HOME": f"{STATE_DIR}/prefect",
     "PREFECT_API_URL": "",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_UI_V2_ENABLED": "false",
     "PREFECT_LOGGING_LEVEL": "INFO",
     "PREFECT_UI_HOST": "127.0.0.1",
     "PREFECT_UI_PORT": "4200",
@@ -225,6 +226,9 @@ def apply_prefect_settings(settings: Settings) -> None:
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", DEFAULTS["PREFECT_SERVER_ANALYTICS_ENABLED"])
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", DEFAULTS["PREFECT_LOGGING_LEVEL"])
+    # Prefect's v2 UI contacts amplitude.com from the browser even with analytics off; the
+    # v1 UI talks to nothing but its server.
+    os.environ.setdefault("PREFECT_SERVER_UI_V2_ENABLED", DEFAULTS["PREFECT_SERVER_UI_V2_ENABLED"])
     # The temporary server Prefect starts when none is running can be slow on a busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     if settings.prefect_api_url:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages juicecache needs: FUSE for JuiceFS mounts, Redis for the shared metadata
-# engine, iproute2 for the multi-host tests. Installs only what is missing.
+# engine, iproute2 for the multi-host tests, Chromium (and a font for its screenshots) for
+# the test that checks the Prefect UI in a browser. Installs only what is missing.
 set -euo pipefail
-packages=(fuse3 redis-server iproute2 procps)
+packages=(fuse3 redis-server iproute2 procps chromium fonts-dejavu-core)
 missing=()
 for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
