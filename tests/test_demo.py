@@ -56,10 +56,11 @@ def test_refresh_recomputes(mounted: Sandbox) -> None:
 
 
 def test_expire_makes_the_entry_a_miss_later(mounted: Sandbox) -> None:
-    first, _ = run_json(mounted, "9", extra=("--expire", "4s"))
+    # Long enough that the hit below lands inside it even on a busy machine.
+    first, _ = run_json(mounted, "9", extra=("--expire", "10s"))
     written = time.monotonic()
     assert run_json(mounted, "9")[0]["cache"] == "hit"
-    time.sleep(max(0.0, written + 4.5 - time.monotonic()))
+    time.sleep(max(0.0, written + 10.5 - time.monotonic()))
     assert run_json(mounted, "9")[0]["cache"] == "miss"
 
 
