@@ -150,10 +150,15 @@ def mount_volume(settings: Settings) -> str:
 
 def format_volume(settings: Settings, juicefs: str) -> bool:
     """Format the volume unless its metadata engine already holds one. True if it formatted."""
-    status = subprocess.run(
-        [juicefs, "status", settings.meta_url],
-        env=settings.juicefs_env(), capture_output=True, text=True, timeout=30,
-    )
+    try:
+        status = subprocess.run(
+            [juicefs, "status", settings.meta_url],
+            env=settings.juicefs_env(), capture_output=True, text=True, timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        raise VolumeError(
+            f"metadata engine did not answer within 30 s (JFS_META_URL={settings.masked_meta_url})"
+        ) from None
     if status.returncode == 0:
         return False
     if settings.meta_url.startswith("sqlite3://"):

@@ -117,8 +117,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with netns.network(["storage", "a", "b"]) as hosts:
         storage = hosts["storage"]
         # Free in the root namespace too: SeaweedFS also listens on unix sockets named by port.
-        base = free_ports(10)
-        ports = {"redis": base, "s3": base + 1, "prefect": base + 9}
+        base = free_ports(11)
+        # SeaweedFS takes s3..s3+7; nothing listens on "closed".
+        ports = {"redis": base, "s3": base + 1, "prefect": base + 9, "closed": base + 10}
         env = shared_env(path, storage.ip, ports, password, secret_key)
         storage_env = {**env, "JUICECACHE_ROOT": str(path / "storage"), "PREFECT_HOME": str(path / "storage" / "prefect")}
         (path / "storage").mkdir()
@@ -255,8 +256,8 @@ def test_unreachable_services_are_named_quickly(cluster: Cluster, tmp_path: Path
     env = machine_env(cluster.a.env, tmp_path, "unreachable")
     machine = Machine(cluster.a.host, env, tmp_path)
     for setting, broken, expected in (
-        ("JFS_META_URL", f"redis://{cluster.storage.ip}:{cluster.ports['prefect'] - 1}/1", "metadata engine unreachable"),
-        ("JFS_BUCKET", f"http://{cluster.storage.ip}:{cluster.ports['prefect'] - 1}/juicecache", "object storage unreachable"),
+        ("JFS_META_URL", f"redis://{cluster.storage.ip}:{cluster.ports['closed']}/1", "metadata engine unreachable"),
+        ("JFS_BUCKET", f"http://{cluster.storage.ip}:{cluster.ports['closed']}/juicecache", "object storage unreachable"),
     ):
         started = time.monotonic()
         done = machine.run("mount", extra_env={setting: broken}, timeout=60)
