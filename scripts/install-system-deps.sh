@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages juicecache needs: FUSE for JuiceFS mounts, Redis for the shared metadata
-# engine, iproute2 for the multi-host tests. Installs only what is missing.
+# engine, iproute2 for the multi-host tests, s3fs (s3fs-fuse) for the benchmark's "mounted S3
+# bucket" alternative. Installs only what is missing.
 set -euo pipefail
-packages=(fuse3 redis-server iproute2 procps)
+packages=(fuse3 redis-server iproute2 procps s3fs)
 missing=()
 for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
