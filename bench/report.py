@@ -270,7 +270,8 @@ def plot(results: dict, path: Path) -> None:
     hits.set_yscale("log")
     hits.set_ylabel("ms (median, whisker: p95)")
     hits.set_title("Small-result cache hit, task level (lower is better)")
-    large.set_ylabel("MiB/s (median)")
+    large.set_yscale("log")
+    large.set_ylabel("MiB/s (median, log scale)")
     large.set_title(f"{max(results['meta']['plan']['sizes_mib'])} MiB result, warm hit vs raw read (higher is better)")
     for axes in (hits, large):
         axes.set_xticks(range(len(slugs)), [names[slug].replace(" (", "\n(") for slug in slugs], fontsize=8)
