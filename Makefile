@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INPUT ?= 1 2 3
 
-.PHONY: setup system run lint test screenshots ui clean
+.PHONY: setup system run lint test screenshots ui clean bench bench-quick
 
 setup: system $(VENV)/.installed
 
@@ -37,6 +37,18 @@ screenshots: setup
 
 ui: setup
 	$(PY) main.py ui
+
+# The benchmark (bench/, not part of `make test`): sets up every backend itself, on loopback,
+# and tears it down; writes bench/results.md and bench/results.png. Needs root (FUSE mounts).
+$(VENV)/.bench-installed: $(VENV)/.installed bench/requirements.txt
+	$(PY) -m pip install -q -r bench/requirements.txt
+	touch $@
+
+bench: setup $(VENV)/.bench-installed
+	$(PY) -m bench
+
+bench-quick: setup $(VENV)/.bench-installed
+	$(PY) -m bench --quick --out .juicecache/bench-quick
 
 clean:
 	-./stop_juice.sh

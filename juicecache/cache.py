@@ -28,6 +28,7 @@ from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
 from juicecache.locking import FlockLockManager
+from juicecache.serializer import RawPickleSerializer
 from juicecache.settings import Settings, load_settings, parse_duration
 from juicecache.storage import DATA, LOCKS, RECORDS, EntryStorage, Signer, StoreConfig
 from juicecache.volume import CacheLocation, cache_location
@@ -282,6 +283,7 @@ def cached_task(
     def decorate(function: Callable[P, R]) -> Task[P, R]:
         _check_options(function, excluded, task_options)
         key = namespaced_key(function, cache_key_fn or hash_inputs, excluded, task_options.get("version"))
+        options = {"result_serializer": RawPickleSerializer(), **task_options}
         return task(
             raising_key_failures(function),
             cache_policy=cache_policy(key),
@@ -289,7 +291,7 @@ def cached_task(
             persist_result=True,
             cache_expiration=expiration,
             refresh_cache=overwrite or None,
-            **task_options,
+            **options,
         )
 
     return decorate(fn) if fn is not None else decorate

@@ -30,6 +30,11 @@ from anyio import to_thread
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _FIRST_POLL, _MAX_POLL = 0.01, 0.25
+# Writing the holder's name into the lock file is a data write, which JuiceFS turns into an
+# object upload when the file is closed: one S3 PUT per cache hit (a hit holds the lock for
+# milliseconds), the largest part of a hit's time with a distant S3 in the benchmark. Only a
+# holder that keeps the lock this long, the one a waiter may need named, writes it.
+_NAME_HOLDER_AFTER = 0.5
 
 
 class LockTimeout(TimeoutError):
@@ -40,6 +45,7 @@ class LockTimeout(TimeoutError):
 class _Held:
     fd: int
     holder: str
+    naming: threading.Timer | None = None
 
 
 class FlockLockManager:
@@ -78,14 +84,27 @@ class FlockLockManager:
                     f"gave up after {timeout:g} s waiting for the lock on cache key {key} "
                     f"(held by {_describe_holder(path)}); raise JUICECACHE_LOCK_TIMEOUT to wait longer"
                 )
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{holder} host={socket.gethostname()} pid={os.getpid()} since={time.time():.0f}\n".encode(), 0)
         except BaseException:
             os.close(fd)
             raise
+        held = _Held(fd, holder)
+        held.naming = threading.Timer(_NAME_HOLDER_AFTER, self._name_holder, (key, held, time.time()))
+        held.naming.daemon = True
         with self._guard:
-            self._held[key] = _Held(fd, holder)
+            self._held[key] = held
+        held.naming.start()
         return True
+
+    def _name_holder(self, key: str, held: _Held, since: float) -> None:
+        """Say who holds the lock, in the lock file, for a waiter's message (only ever shown to people)."""
+        with self._guard:  # release_lock closes the descriptor under the same guard
+            if self._held.get(key) is not held:
+                return
+            try:
+                os.ftruncate(held.fd, 0)
+                os.pwrite(held.fd, f"{held.holder} host={socket.gethostname()} pid={os.getpid()} since={since:.0f}\n".encode(), 0)
+            except OSError:
+                pass
 
     async def aacquire_lock(
         self,
@@ -102,6 +121,8 @@ class FlockLockManager:
             if held is None or held.holder != holder:
                 raise ValueError(f"cannot release the lock on {key}: {holder} does not hold it")
             del self._held[key]
+            if held.naming is not None:
+                held.naming.cancel()
         # Closing the descriptor releases the flock; the file stays for the next holder.
         os.close(held.fd)
 
