@@ -51,7 +51,7 @@ def run_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Run the demo Prefect flow with its task cached on the shared JuiceFS volume.",
-        epilog="Other commands: mount, unmount, ui (see `main.py COMMAND --help`).",
+        epilog="Other commands: mount, unmount, ui, cache, status (see `main.py COMMAND --help`).",
     )
     parser.add_argument(
         "-input", "--input", dest="inputs", nargs="+", required=True, metavar="VALUE",
@@ -61,6 +61,7 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refresh", action="store_true", help="recompute and overwrite the cache entry")
     parser.add_argument("--expire", metavar="DURATION", type=_duration, help="the new entry expires after DURATION (30s, 10m, 1h, 7d)")
     parser.add_argument("--verbose", action="store_true", help="also show Prefect's own log lines")
+    parser.add_argument("--per-item", action="store_true", help="cache each value separately (a mapped task, run concurrently)")
     return parser
 
 
@@ -76,7 +77,9 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
     mount = _Parser(prog=f"{PROG} mount", description="Format (once) and mount the JuiceFS volume configured in .env.")
     unmount = _Parser(prog=f"{PROG} unmount", description="Unmount the JuiceFS volume; harmless when nothing is mounted.")
     ui = _Parser(prog=f"{PROG} ui", description="Start the Prefect server with its UI (PREFECT_UI_HOST:PREFECT_UI_PORT).")
-    return {"mount": mount, "unmount": unmount, "ui": ui}
+    from juicecache.cache_cli import command_parsers as cache_command_parsers  # it builds on this module
+
+    return {"mount": mount, "unmount": unmount, "ui": ui, **cache_command_parsers()}
 
 
 def main(argv: Sequence[str] | None = None, root: Path | None = None) -> int:
@@ -85,8 +88,10 @@ def main(argv: Sequence[str] | None = None, root: Path | None = None) -> int:
         commands = command_parsers()
         if argv and argv[0] in commands:
             name = argv[0]
-            commands[name].parse_args(argv[1:])
+            args = commands[name].parse_args(argv[1:])
             settings = load_settings(root)
+            if "handler" in args:  # commands whose parser carries its handler and options
+                return args.handler(settings, args)
             return COMMANDS[name](settings)
         args = run_parser().parse_args(argv)
         return run_demo(load_settings(root), args)
@@ -110,6 +115,8 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     from juicecache.flow import demo_flow
 
     cache = activate(settings)
+    if args.per_item:
+        return run_per_item(values, args, cache.refused)
     try:
         report = demo_flow(values, refresh=args.refresh, expire=args.expire)
     except Exception as exc:  # the flow re-raises the task's own exception
@@ -132,6 +139,32 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     out.print(f"  prefect  {api}")
     if cache.refused:
         out.print(f"  note     {len(cache.refused)} damaged or unsigned entr{'y' if len(cache.refused) == 1 else 'ies'} refused and recomputed")
+    return 0
+
+
+def run_per_item(values: list[int | float | str], args: argparse.Namespace, refused: list[tuple[Path, str]]) -> int:
+    from juicecache.flow import per_item_flow
+
+    try:
+        report = per_item_flow(values, refresh=args.refresh, expire=args.expire)
+    except Exception as exc:  # the flow re-raises a task's own exception
+        raise CliError(describe_failure(exc)) from None
+    if args.json:
+        print(json.dumps(report.as_dict(), sort_keys=True))
+        return 0
+    hits = sum(item.cache == "hit" for item in report.items)
+    colour = {"hit": "green", "miss": "yellow"}.get(report.cache, "cyan")
+    out.print(
+        f"[bold {colour}]per item: {hits} of {len(report.items)} cached[/], "
+        f"{len(report.items) - hits} computed, in {report.seconds:.3f} s (saved {report.saved_seconds:.1f} s)"
+    )
+    for item in report.items:
+        out.print(f"  {item.cache:<4}  {json.dumps(item.input)}  {item.key}")
+    out.print(f"  result   {json.dumps(report.result, sort_keys=True)}")
+    where = f"JuiceFS volume '{report.volume}'" if report.volume else "local folder (not shared)"
+    out.print(f"  entries  {where}")
+    if refused:
+        out.print(f"  note     {len(refused)} damaged or unsigned entr{'y' if len(refused) == 1 else 'ies'} refused and recomputed")
     return 0
 
 

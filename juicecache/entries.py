@@ -1,0 +1,486 @@
+"""Cache entry inspection and garbage collection: what `cache ls/stats/rm/clear/gc` do.
+
+Prefect never deletes result files and has no way to list them, so this module reads
+the cache folder directly. It is built for a shared volume with many entries:
+
+- a scan lists the folders (names and inodes come at once) and opens only the records
+  the listing index has not seen yet: a record is a few hundred bytes (its header and
+  Prefect's metadata, which holds the expiration), but every open on a network file
+  system is a round trip to its metadata engine, so those reads go to a thread pool;
+- removing an entry first takes the key's lock without waiting (the lock a run holds
+  while it looks up, computes or reads that key), so nothing being written or read
+  right now is touched; the record goes first, then the payload, so a reader never
+  finds a record whose payload is gone. A removed entry is simply a miss later.
+
+No Prefect import here: the admin commands stay fast to start.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+
+from juicecache.entryfile import DATA, LOCKS, RECORDS, TEMP_PREFIX, EntryHeader, EntryRefused, write_atomically
+from juicecache.locking import FlockLockManager
+
+# Temporary files untouched this long belong to a writer that died (a live one keeps writing).
+STALE_TEMPORARY_SECONDS = 3600.0
+# Records are small; anything larger is not one of ours and is not read whole.
+MAX_RECORD_BYTES = 1 << 16
+WORKERS = 32
+INDEX = "index"
+_BATCH = 256
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cache entry as the scan found it; `problem` says why it can never be a hit."""
+
+    key: str
+    inode: int
+    task: str | None
+    host: str | None
+    created: float | None
+    expires: float | None
+    record_bytes: int
+    payload_bytes: int | None
+    problem: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.record_bytes + (self.payload_bytes or 0)
+
+    def is_expired(self, now: float) -> bool:
+        return self.expires is not None and self.expires <= now
+
+    def as_dict(self, now: float) -> dict[str, object]:
+        return {
+            "key": self.key,
+            "task": self.task,
+            "host": self.host,
+            "created": _iso(self.created),
+            "expires": _iso(self.expires),
+            "expired": self.is_expired(now),
+            "size": self.size,
+            "problem": self.problem,
+        }
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A file that belongs to no complete entry: a dead writer's temporary, a lone payload, an idle lock."""
+
+    path: Path
+    kind: str  # "temporary", "payload", "lock"
+    size: int
+    modified: float
+
+
+@dataclass
+class Scan:
+    root: Path
+    entries: list[Entry]  # newest first
+    leftovers: list[Leftover]
+    records_read: int = 0  # records not already known to the listing index
+    scanned_at: float = field(default_factory=time.time)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.size for entry in self.entries)
+
+
+@dataclass(frozen=True)
+class RecordInfo:
+    """What one record file says, remembered by the listing index under its inode."""
+
+    inode: int
+    size: int
+    task: str | None
+    host: str | None
+    created: float | None
+    expires: float | None
+    payload: str
+    problem: str | None
+
+
+class ListingIndex:
+    """What earlier scans read, so a scan only opens records that are new since.
+
+    Opening a file costs a round trip to the metadata engine (about half a millisecond
+    on an embedded volume), so reading 100,000 records takes most of a minute, while
+    listing a folder yields every name with its inode at once. Entries are replaced by
+    rename, which gives the new file a new inode: a name whose inode matches the index
+    is unchanged. The index only speeds up listing: anything unreadable in it is
+    ignored, and no cache lookup ever reads it.
+    """
+
+    VERSION = 1
+
+    def __init__(self, records: dict[str, RecordInfo], payloads: dict[str, tuple[int, int]]) -> None:
+        self.records = records
+        self.payloads = payloads  # name -> (inode, size)
+
+    @staticmethod
+    def path(root: Path) -> Path:
+        return root / INDEX / "entries.json"
+
+    @classmethod
+    def load(cls, root: Path) -> ListingIndex:
+        try:
+            saved = json.loads(cls.path(root).read_bytes())
+            if saved["version"] != cls.VERSION:
+                raise ValueError("another version")
+            records = {name: RecordInfo(*fields) for name, fields in saved["records"].items()}
+            payloads = {name: (inode, size) for name, (inode, size) in saved["payloads"].items()}
+        except (OSError, ValueError, TypeError, KeyError):
+            return cls({}, {})
+        return cls(records, payloads)
+
+    def save(self, root: Path) -> None:
+        document = {
+            "version": self.VERSION,
+            "records": {name: list(info.__dict__.values()) for name, info in self.records.items()},
+            "payloads": self.payloads,
+        }
+        try:
+            write_atomically(self.path(root), [json.dumps(document, separators=(",", ":")).encode()])
+        except OSError:  # a read-only volume: the next scan just reads everything again
+            pass
+
+
+def scan(root: Path, progress: Progress | None = None, leftovers: bool = True, workers: int = WORKERS) -> Scan:
+    """Every entry under `root`, newest first; with `leftovers`, also the files `gc` may remove."""
+    records, data, locks = root / RECORDS, root / DATA, root / LOCKS
+    # Records first: a payload is written before its record, so every listed record's
+    # payload is in the payload listing unless it was removed since.
+    record_inodes, record_temporaries = _list(records)
+    payload_inodes, payload_temporaries = _list(data)
+    index = ListingIndex.load(root)
+    infos = {name: index.records[name] for name, inode in record_inodes.items() if _known(index.records, name, inode)}
+    sizes = {name: index.payloads[name][1] for name, inode in payload_inodes.items() if _known(index.payloads, name, inode)}
+    unread = sorted(name for name in record_inodes if name not in infos)
+    unsized = [name for name in payload_inodes if name not in sizes]
+    found_leftovers: list[Leftover] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        done = 0
+        for batch in pool.map(lambda chunk: [_read_record(records, name, record_inodes[name]) for name in chunk], _chunks(unread)):
+            for name, info in zip(unread[done : done + len(batch)], batch):
+                if info is not None:
+                    infos[name] = info
+            done += len(batch)
+            if progress:
+                progress(done, len(unread))
+        for batch in pool.map(lambda chunk: [_size(data / name) for name in chunk], _chunks(unsized)):
+            sizes.update((name, size) for name, size in batch if size is not None)
+        if leftovers:
+            found_leftovers = _leftovers(pool, record_temporaries + payload_temporaries)
+            lock_inodes, _ = _list(locks)
+            found_leftovers += [Leftover(data / name, "payload", sizes.get(name, 0), 0.0) for name in payload_inodes if name not in record_inodes]
+            found_leftovers += [
+                Leftover(locks / name, "lock", 0, 0.0) for name in lock_inodes
+                if name.endswith(".lock") and name.removesuffix(".lock") not in record_inodes and name.removesuffix(".lock") not in payload_inodes
+            ]
+    if unread or unsized or len(infos) != len(index.records) or len(sizes) != len(index.payloads):
+        ListingIndex(infos, {name: (payload_inodes[name], size) for name, size in sizes.items() if name in payload_inodes}).save(root)
+    entries = [_entry(name, info, sizes.get(info.payload)) for name, info in infos.items()]
+    entries.sort(key=lambda entry: (entry.created or 0.0, entry.key), reverse=True)
+    return Scan(root, entries, found_leftovers, records_read=len(unread))
+
+
+def _known(index: dict, name: str, inode: int) -> bool:
+    known = index.get(name)
+    return known is not None and (known.inode if isinstance(known, RecordInfo) else known[0]) == inode
+
+
+def _list(folder: Path) -> tuple[dict[str, int], list[Path]]:
+    """Names (with their inode, free from the listing) and temporary files in `folder`."""
+    names: dict[str, int] = {}
+    temporaries: list[Path] = []
+    try:
+        with os.scandir(folder) as listing:
+            for item in listing:
+                if item.name.startswith(TEMP_PREFIX):
+                    temporaries.append(Path(item.path))
+                elif not item.name.startswith("."):
+                    names[item.name] = item.inode()
+    except FileNotFoundError:
+        pass
+    return names, temporaries
+
+
+def _chunks(names: Sequence[str]) -> Iterator[Sequence[str]]:
+    """Batches keep the pool's per-task overhead small next to the I/O."""
+    for start in range(0, len(names), _BATCH):
+        yield names[start : start + _BATCH]
+
+
+def _read_record(records: Path, key: str, inode: int) -> RecordInfo | None:
+    try:
+        with open(records / key, "rb") as handle:
+            raw = handle.read(MAX_RECORD_BYTES + 1)
+    except FileNotFoundError:  # removed since the listing
+        return None
+    task = host = problem = None
+    created = expires = None
+    payload = key
+    try:
+        line, newline, body = raw.partition(b"\n")
+        header = EntryHeader.from_line(line + newline)
+        task, host, created = header.task, header.host, header.created
+        if len(body) != header.size:
+            raise EntryRefused(f"truncated record: {len(body)} of {header.size} bytes")
+        metadata = json.loads(body)
+        expires = _timestamp(metadata.get("expiration"))
+        payload = Path(metadata.get("storage_key") or key).name
+    except (EntryRefused, ValueError, TypeError, AttributeError) as exc:
+        problem = f"damaged record: {exc}"
+    return RecordInfo(inode, len(raw), task, host, created, expires, payload, problem)
+
+
+def _entry(key: str, info: RecordInfo, payload_bytes: int | None) -> Entry:
+    problem = info.problem or (None if payload_bytes is not None else "payload missing")
+    return Entry(key, info.inode, info.task, info.host, info.created, info.expires, info.size, payload_bytes, problem)
+
+
+def _size(path: Path) -> tuple[str, int | None]:
+    try:
+        return path.name, os.stat(path).st_size
+    except FileNotFoundError:
+        return path.name, None
+
+
+def _leftovers(pool: ThreadPoolExecutor, temporaries: list[Path]) -> list[Leftover]:
+    def describe(path: Path) -> Leftover | None:
+        try:
+            status = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return Leftover(path, "temporary", status.st_size, status.st_mtime)
+
+    return [leftover for leftover in pool.map(describe, temporaries) if leftover is not None]
+
+
+def _timestamp(text: object) -> float | None:
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ValueError(f"expiration {text!r} is not a date")
+    return datetime.fromisoformat(text).timestamp()
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+# --- statistics -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeUsage:
+    """What the file system holding the cache says about itself (JuiceFS reports its real usage)."""
+
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    used_inodes: int
+
+    @classmethod
+    def of(cls, path: Path) -> VolumeUsage:
+        status = os.statvfs(path)
+        total = status.f_blocks * status.f_frsize
+        free = status.f_bavail * status.f_frsize
+        return cls(total, total - status.f_bfree * status.f_frsize, free, status.f_files - status.f_ffree)
+
+
+@dataclass(frozen=True)
+class Stats:
+    entries: int
+    total_bytes: int
+    expired: int
+    damaged: int
+    oldest: float | None
+    newest: float | None
+    leftovers: int
+    leftover_bytes: int
+
+    @classmethod
+    def of(cls, found: Scan) -> Stats:
+        created = [entry.created for entry in found.entries if entry.created is not None]
+        return cls(
+            entries=len(found.entries),
+            total_bytes=found.total_bytes,
+            expired=sum(entry.is_expired(found.scanned_at) for entry in found.entries),
+            damaged=sum(entry.problem is not None for entry in found.entries),
+            oldest=min(created, default=None),
+            newest=max(created, default=None),
+            leftovers=len(found.leftovers),
+            leftover_bytes=sum(leftover.size for leftover in found.leftovers),
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        return {**self.__dict__, "oldest": _iso(self.oldest), "newest": _iso(self.newest)}
+
+
+# --- removal --------------------------------------------------------------------------
+
+
+NO_RECORD = 0  # no file has inode 0
+
+
+class Outcome(Enum):
+    REMOVED = "removed"
+    BUSY = "busy"  # its lock is held: being computed or read right now
+    CHANGED = "changed"  # rewritten since the scan: the reason to remove it may no longer hold
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class Removal:
+    """An entry `gc` chose, and why."""
+
+    entry: Entry
+    reason: str
+
+
+@dataclass
+class RemovalReport:
+    removed: list[tuple[str, str, int]] = field(default_factory=list)  # key, reason, bytes
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # key, outcome
+    leftovers_removed: int = 0
+    leftover_bytes: int = 0
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(size for _, _, size in self.removed) + self.leftover_bytes
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "removed": [{"key": key, "reason": reason, "size": size} for key, reason, size in self.removed],
+            "skipped": [{"key": key, "why": why} for key, why in self.skipped],
+            "leftovers_removed": self.leftovers_removed,
+            "freed_bytes": self.freed_bytes,
+        }
+
+
+class Remover:
+    """Removes entries under their key's lock, never waiting for it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._locks = FlockLockManager(lambda: root / LOCKS, lambda: 0.0)
+
+    def remove(self, key: str, inode: int | None = None) -> Outcome:
+        """Remove `key`'s record then payload.
+
+        With `inode`, only if the record is still that file (`NO_RECORD`: only if there
+        is none, for a payload left without its record).
+        """
+        lock_path = self._locks.lock_path(key)
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return Outcome.BUSY
+            record = self.root / RECORDS / key
+            if inode is not None and _inode(record) not in (inode, None):
+                return Outcome.CHANGED
+            removed = [_unlink(record), _unlink(self.root / DATA / key)]
+            # Dropping the lock file too keeps `locks/` bounded. A run that opened it just
+            # before and waits on it may then compute alongside a newcomer: both write the
+            # same value atomically, so the worst case is one duplicate computation.
+            _unlink(lock_path)
+            return Outcome.REMOVED if any(removed) else Outcome.MISSING
+        finally:
+            os.close(fd)
+
+    def remove_leftover(self, leftover: Leftover, now: float) -> bool:
+        """Temporaries only once stale; lone payloads and idle locks only when their lock is free."""
+        if leftover.kind == "temporary":
+            return now - leftover.modified >= STALE_TEMPORARY_SECONDS and _unlink(leftover.path)
+        return self.remove(leftover.path.name.removesuffix(".lock"), NO_RECORD) in (Outcome.REMOVED, Outcome.MISSING)
+
+
+def remove_all(
+    remover: Remover,
+    removals: Sequence[Removal],
+    leftovers: Iterable[Leftover] = (),
+    progress: Progress | None = None,
+    workers: int = WORKERS,
+) -> RemovalReport:
+    """Remove the chosen entries (and leftovers) in parallel; report what happened to each."""
+    report = RemovalReport()
+    leftovers = list(leftovers)
+    total = len(removals) + len(leftovers)
+    now = time.time()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        done = 0
+        for removal, outcome in zip(removals, pool.map(lambda r: remover.remove(r.entry.key, r.entry.inode), removals)):
+            if outcome is Outcome.REMOVED:
+                report.removed.append((removal.entry.key, removal.reason, removal.entry.size))
+            elif outcome is not Outcome.MISSING:
+                report.skipped.append((removal.entry.key, outcome.value))
+            done += 1
+            if progress and done % _BATCH == 0:
+                progress(done, total)
+        for leftover, removed in zip(leftovers, pool.map(lambda leftover: remover.remove_leftover(leftover, now), leftovers)):
+            if removed:
+                report.leftovers_removed += 1
+                report.leftover_bytes += leftover.size
+    if progress:
+        progress(total, total)
+    return report
+
+
+def plan_gc(
+    found: Scan,
+    expired: bool = False,
+    older_than: float | None = None,
+    max_size: int | None = None,
+) -> list[Removal]:
+    """Entries that can never be hits, then expired and old ones, then the oldest until under `max_size`."""
+    now = found.scanned_at
+    chosen: dict[str, Removal] = {}
+    for entry in found.entries:
+        if entry.problem:
+            chosen[entry.key] = Removal(entry, entry.problem)
+        elif expired and entry.is_expired(now):
+            chosen[entry.key] = Removal(entry, "expired")
+        elif older_than is not None and (entry.created or 0.0) < now - older_than:
+            chosen[entry.key] = Removal(entry, "old")
+    if max_size is not None:
+        kept = [entry for entry in found.entries if entry.key not in chosen]
+        size = sum(entry.size for entry in kept)
+        for entry in sorted(kept, key=lambda e: e.created or 0.0):
+            if size <= max_size:
+                break
+            chosen[entry.key] = Removal(entry, "over size")
+            size -= entry.size
+    return list(chosen.values())
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _unlink(path: Path) -> bool:
+    """False when it was already gone (another host's gc got there first)."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
