@@ -1,6 +1,6 @@
 """The `cache` and `status` commands: see what is cached, bound it, and check the setup.
 
-Output is a rich table for people and, with `--json`, one JSON object for scripts;
+Output is a table for people and, with `--json`, one JSON object for scripts;
 long scans and removals show a progress bar on a terminal. No Prefect import: these
 commands start in a fraction of a second.
 """
@@ -26,13 +26,26 @@ from rich.prompt import Confirm
 from rich.table import Table
 
 from juicecache.cli import PROG, CliError, UsageError, _answers, _duration, _Parser, err, out
-from juicecache.entries import Entry, Removal, RemovalReport, Remover, Scan, Stats, VolumeUsage, plan_gc, remove_all, scan
+from juicecache.entries import (
+    Entry,
+    Removal,
+    RemovalReport,
+    Remover,
+    Scan,
+    Stats,
+    VolumeUsage,
+    plan_gc,
+    removable_leftovers,
+    remove_all,
+    scan,
+)
 from juicecache.entryfile import Signer
 from juicecache.settings import Settings, mask_url, parse_duration
 from juicecache.volume import MountState, VolumeError, cache_location, mount_info
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)b?\s*$", re.IGNORECASE)
 _UNITS = "kmgtp"
+
 
 def parse_size(text: str) -> int:
     """`10GB`, `500M`, `1.5GiB`, `4096` -> bytes (decimal units; `i` for binary ones)."""
@@ -110,14 +123,14 @@ def progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def scan_cache(settings: Settings, args: argparse.Namespace, leftovers: bool = True) -> Scan:
+def scan_cache(settings: Settings, args: argparse.Namespace, full: bool = False) -> Scan:
     root = cache_root(settings)
     with progress_bar("reading new entries", not args.json) as progress:
-        return scan(root, progress, leftovers=leftovers)
+        return scan(root, progress, full=full)
 
 
 def cmd_ls(settings: Settings, args: argparse.Namespace) -> int:
-    found = scan_cache(settings, args, leftovers=False)
+    found = scan_cache(settings, args)
     shown = found.entries[: args.limit] if args.limit else found.entries
     if args.json:
         _print_json(
@@ -152,7 +165,6 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
         ("unusable", f"{stats.damaged:,} (damaged or incomplete: `cache gc` removes them)"),
         ("oldest", _when(stats.oldest)),
         ("newest", _when(stats.newest)),
-        ("leftovers", f"{stats.leftovers:,} files, {decimal(stats.leftover_bytes)} (temporaries, lone payloads, idle locks)"),
         ("volume", f"{decimal(usage.used_bytes)} used of {decimal(usage.total_bytes)}, {decimal(usage.free_bytes)} free, {usage.used_inodes:,} files"),
         ("folder", str(found.root)),
     ]
@@ -184,7 +196,7 @@ def cmd_rm(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_clear(settings: Settings, args: argparse.Namespace) -> int:
-    found = scan_cache(settings, args)
+    found = scan_cache(settings, args, full=True)
     if not args.yes and not _confirm(f"Remove all {len(found.entries):,} cache entries ({decimal(found.total_bytes)}) from {found.root}?"):
         raise CliError("nothing removed (pass --yes to skip the question)")
     removals = [Removal(entry, "clear") for entry in found.entries]
@@ -192,7 +204,7 @@ def cmd_clear(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
-    found = scan_cache(settings, args)
+    found = scan_cache(settings, args, full=True)
     older_than = parse_duration(args.older_than).total_seconds() if args.older_than else None
     expired = args.expired or (older_than is None and args.max_size is None)
     removals = plan_gc(found, expired=expired, older_than=older_than, max_size=args.max_size)
@@ -200,11 +212,16 @@ def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _remove(found: Scan, removals: list[Removal], args: argparse.Namespace, dry_run: bool) -> int:
+    leftovers = removable_leftovers(found)
     if dry_run:
-        report = RemovalReport(removed=[(r.entry.key, r.reason, r.entry.size) for r in removals])
+        report = RemovalReport(
+            removed=[(r.entry.key, r.reason, r.entry.size) for r in removals],
+            leftovers_removed=len(leftovers),
+            leftover_bytes=sum(leftover.size for leftover in leftovers),
+        )
     else:
         with progress_bar("removing entries", not args.json) as progress:
-            report = remove_all(Remover(found.root), removals, found.leftovers, progress)
+            report = remove_all(Remover(found.root), removals, leftovers, progress)
     remaining = found.total_bytes - sum(size for _, _, size in report.removed)
     if args.json:
         _print_json({"root": str(found.root), "dry_run": dry_run, **report.as_dict(), "remaining_bytes": remaining})
@@ -218,7 +235,7 @@ def _remove(found: Scan, removals: list[Removal], args: argparse.Namespace, dry_
         )
     out.print(f"{verb} {len(report.removed):,} entries, {decimal(sum(s for _, _, s in report.removed))}; {decimal(remaining)} remain in {found.root}")
     if report.leftovers_removed:
-        out.print(f"removed {report.leftovers_removed:,} leftover files ({decimal(report.leftover_bytes)})")
+        out.print(f"{verb} {report.leftovers_removed:,} leftover files ({decimal(report.leftover_bytes)}): dead writers' temporaries, lone payloads, idle locks")
     if report.skipped:
         out.print(f"skipped {len(report.skipped):,} entries in use or rewritten meanwhile (they stay)")
     return 0

@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -35,7 +35,8 @@ from juicecache.locking import FlockLockManager
 STALE_TEMPORARY_SECONDS = 3600.0
 # Records are small; anything larger is not one of ours and is not read whole.
 MAX_RECORD_BYTES = 1 << 16
-WORKERS = 32
+# Beyond a few threads, an embedded volume's client is the bottleneck, not the waiting.
+WORKERS = 8
 INDEX = "index"
 _BATCH = 256
 
@@ -91,7 +92,6 @@ class Scan:
     root: Path
     entries: list[Entry]  # newest first
     leftovers: list[Leftover]
-    records_read: int = 0  # records not already known to the listing index
     scanned_at: float = field(default_factory=time.time)
 
     @property
@@ -110,25 +110,26 @@ class RecordInfo:
     created: float | None
     expires: float | None
     payload: str
+    payload_bytes: int | None  # None: no payload when the record was read
     problem: str | None
 
 
 class ListingIndex:
     """What earlier scans read, so a scan only opens records that are new since.
 
-    Opening a file costs a round trip to the metadata engine (about half a millisecond
-    on an embedded volume), so reading 100,000 records takes most of a minute, while
-    listing a folder yields every name with its inode at once. Entries are replaced by
-    rename, which gives the new file a new inode: a name whose inode matches the index
-    is unchanged. The index only speeds up listing: anything unreadable in it is
-    ignored, and no cache lookup ever reads it.
+    Opening a file costs round trips to the metadata engine (most of a millisecond on a
+    busy embedded volume), so reading 100,000 records takes a minute or more, while
+    listing a folder yields every name with its inode at once. An entry is rewritten
+    payload first, then record, each by rename, which gives the new file a new inode: a
+    record whose inode matches the index is unchanged, and so is its payload. The index
+    only speeds up listing: anything unreadable in it is ignored, and no cache lookup
+    ever reads it.
     """
 
     VERSION = 1
 
-    def __init__(self, records: dict[str, RecordInfo], payloads: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, records: dict[str, RecordInfo]) -> None:
         self.records = records
-        self.payloads = payloads  # name -> (inode, size)
 
     @staticmethod
     def path(root: Path) -> Path:
@@ -140,66 +141,56 @@ class ListingIndex:
             saved = json.loads(cls.path(root).read_bytes())
             if saved["version"] != cls.VERSION:
                 raise ValueError("another version")
-            records = {name: RecordInfo(*fields) for name, fields in saved["records"].items()}
-            payloads = {name: (inode, size) for name, (inode, size) in saved["payloads"].items()}
+            return cls({name: RecordInfo(*fields) for name, fields in saved["records"].items()})
         except (OSError, ValueError, TypeError, KeyError):
-            return cls({}, {})
-        return cls(records, payloads)
+            return cls({})
 
     def save(self, root: Path) -> None:
-        document = {
-            "version": self.VERSION,
-            "records": {name: list(info.__dict__.values()) for name, info in self.records.items()},
-            "payloads": self.payloads,
-        }
+        document = {"version": self.VERSION, "records": {name: list(info.__dict__.values()) for name, info in self.records.items()}}
         try:
             write_atomically(self.path(root), [json.dumps(document, separators=(",", ":")).encode()])
         except OSError:  # a read-only volume: the next scan just reads everything again
             pass
 
 
-def scan(root: Path, progress: Progress | None = None, leftovers: bool = True, workers: int = WORKERS) -> Scan:
-    """Every entry under `root`, newest first; with `leftovers`, also the files `gc` may remove."""
-    records, data, locks = root / RECORDS, root / DATA, root / LOCKS
-    # Records first: a payload is written before its record, so every listed record's
-    # payload is in the payload listing unless it was removed since.
+def scan(root: Path, progress: Progress | None = None, full: bool = True, workers: int = WORKERS) -> Scan:
+    """Every entry under `root`, newest first.
+
+    `full` also lists payloads and locks: it finds the leftovers `gc` removes and
+    payloads removed behind the cache's back; `ls` and `stats` do without.
+    """
+    records = root / RECORDS
     record_inodes, record_temporaries = _list(records)
-    payload_inodes, payload_temporaries = _list(data)
     index = ListingIndex.load(root)
-    infos = {name: index.records[name] for name, inode in record_inodes.items() if _known(index.records, name, inode)}
-    sizes = {name: index.payloads[name][1] for name, inode in payload_inodes.items() if _known(index.payloads, name, inode)}
+    infos = {name: index.records[name] for name, inode in record_inodes.items() if name in index.records and index.records[name].inode == inode}
     unread = sorted(name for name in record_inodes if name not in infos)
-    unsized = [name for name in payload_inodes if name not in sizes]
-    found_leftovers: list[Leftover] = []
+    leftovers: list[Leftover] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         done = 0
-        for batch in pool.map(lambda chunk: [_read_record(records, name, record_inodes[name]) for name in chunk], _chunks(unread)):
-            for name, info in zip(unread[done : done + len(batch)], batch):
-                if info is not None:
-                    infos[name] = info
+        for batch in pool.map(lambda chunk: [_read_record(root, name, record_inodes[name]) for name in chunk], _chunks(unread)):
+            infos.update((info_name, info) for info_name, info in batch if info is not None)
             done += len(batch)
             if progress:
                 progress(done, len(unread))
-        for batch in pool.map(lambda chunk: [_size(data / name) for name in chunk], _chunks(unsized)):
-            sizes.update((name, size) for name, size in batch if size is not None)
-        if leftovers:
-            found_leftovers = _leftovers(pool, record_temporaries + payload_temporaries)
-            lock_inodes, _ = _list(locks)
-            found_leftovers += [Leftover(data / name, "payload", sizes.get(name, 0), 0.0) for name in payload_inodes if name not in record_inodes]
-            found_leftovers += [
-                Leftover(locks / name, "lock", 0, 0.0) for name in lock_inodes
+        if unread or len(infos) != len(index.records):
+            ListingIndex(infos).save(root)
+        if full:
+            # Listed after the records: a listed record's payload, written before it, is
+            # in this listing unless it was removed since.
+            payload_inodes, payload_temporaries = _list(root / DATA)
+            lock_inodes, _ = _list(root / LOCKS)
+            named = {info.payload for info in infos.values()}
+            infos = {name: info if info.payload in payload_inodes else replace(info, payload_bytes=None) for name, info in infos.items()}
+            leftovers = _describe(pool, record_temporaries + payload_temporaries, "temporary")
+            leftovers += _describe(pool, [root / DATA / name for name in payload_inodes if name not in named], "payload")
+            leftovers += [
+                Leftover(root / LOCKS / name, "lock", 0, 0.0)
+                for name in lock_inodes
                 if name.endswith(".lock") and name.removesuffix(".lock") not in record_inodes and name.removesuffix(".lock") not in payload_inodes
             ]
-    if unread or unsized or len(infos) != len(index.records) or len(sizes) != len(index.payloads):
-        ListingIndex(infos, {name: (payload_inodes[name], size) for name, size in sizes.items() if name in payload_inodes}).save(root)
-    entries = [_entry(name, info, sizes.get(info.payload)) for name, info in infos.items()]
+    entries = [_entry(name, info) for name, info in infos.items()]
     entries.sort(key=lambda entry: (entry.created or 0.0, entry.key), reverse=True)
-    return Scan(root, entries, found_leftovers, records_read=len(unread))
-
-
-def _known(index: dict, name: str, inode: int) -> bool:
-    known = index.get(name)
-    return known is not None and (known.inode if isinstance(known, RecordInfo) else known[0]) == inode
+    return Scan(root, entries, leftovers)
 
 
 def _list(folder: Path) -> tuple[dict[str, int], list[Path]]:
@@ -224,12 +215,15 @@ def _chunks(names: Sequence[str]) -> Iterator[Sequence[str]]:
         yield names[start : start + _BATCH]
 
 
-def _read_record(records: Path, key: str, inode: int) -> RecordInfo | None:
+def _read_record(root: Path, key: str, inode: int) -> tuple[str, RecordInfo | None]:
     try:
-        with open(records / key, "rb") as handle:
-            raw = handle.read(MAX_RECORD_BYTES + 1)
+        fd = os.open(root / RECORDS / key, os.O_RDONLY)
     except FileNotFoundError:  # removed since the listing
-        return None
+        return key, None
+    try:
+        raw = os.read(fd, MAX_RECORD_BYTES)
+    finally:
+        os.close(fd)
     task = host = problem = None
     created = expires = None
     payload = key
@@ -244,30 +238,27 @@ def _read_record(records: Path, key: str, inode: int) -> RecordInfo | None:
         payload = Path(metadata.get("storage_key") or key).name
     except (EntryRefused, ValueError, TypeError, AttributeError) as exc:
         problem = f"damaged record: {exc}"
-    return RecordInfo(inode, len(raw), task, host, created, expires, payload, problem)
-
-
-def _entry(key: str, info: RecordInfo, payload_bytes: int | None) -> Entry:
-    problem = info.problem or (None if payload_bytes is not None else "payload missing")
-    return Entry(key, info.inode, info.task, info.host, info.created, info.expires, info.size, payload_bytes, problem)
-
-
-def _size(path: Path) -> tuple[str, int | None]:
     try:
-        return path.name, os.stat(path).st_size
-    except FileNotFoundError:
-        return path.name, None
+        payload_bytes: int | None = os.stat(root / DATA / payload).st_size
+    except (FileNotFoundError, ValueError):
+        payload_bytes = None
+    return key, RecordInfo(inode, len(raw), task, host, created, expires, payload, payload_bytes, problem)
 
 
-def _leftovers(pool: ThreadPoolExecutor, temporaries: list[Path]) -> list[Leftover]:
+def _entry(key: str, info: RecordInfo) -> Entry:
+    problem = info.problem or (None if info.payload_bytes is not None else "payload missing")
+    return Entry(key, info.inode, info.task, info.host, info.created, info.expires, info.size, info.payload_bytes, problem)
+
+
+def _describe(pool: ThreadPoolExecutor, paths: list[Path], kind: str) -> list[Leftover]:
     def describe(path: Path) -> Leftover | None:
         try:
             status = os.stat(path)
         except FileNotFoundError:
             return None
-        return Leftover(path, "temporary", status.st_size, status.st_mtime)
+        return Leftover(path, kind, status.st_size, status.st_mtime)
 
-    return [leftover for leftover in pool.map(describe, temporaries) if leftover is not None]
+    return [leftover for leftover in pool.map(describe, paths) if leftover is not None]
 
 
 def _timestamp(text: object) -> float | None:
@@ -310,8 +301,6 @@ class Stats:
     damaged: int
     oldest: float | None
     newest: float | None
-    leftovers: int
-    leftover_bytes: int
 
     @classmethod
     def of(cls, found: Scan) -> Stats:
@@ -323,8 +312,6 @@ class Stats:
             damaged=sum(entry.problem is not None for entry in found.entries),
             oldest=min(created, default=None),
             newest=max(created, default=None),
-            leftovers=len(found.leftovers),
-            leftover_bytes=sum(leftover.size for leftover in found.leftovers),
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -405,11 +392,19 @@ class Remover:
         finally:
             os.close(fd)
 
-    def remove_leftover(self, leftover: Leftover, now: float) -> bool:
-        """Temporaries only once stale; lone payloads and idle locks only when their lock is free."""
+    def remove_leftover(self, leftover: Leftover) -> bool:
+        """Lone payloads and idle locks only when their key's lock is free."""
         if leftover.kind == "temporary":
-            return now - leftover.modified >= STALE_TEMPORARY_SECONDS and _unlink(leftover.path)
+            return _unlink(leftover.path)
         return self.remove(leftover.path.name.removesuffix(".lock"), NO_RECORD) in (Outcome.REMOVED, Outcome.MISSING)
+
+
+def removable_leftovers(found: Scan) -> list[Leftover]:
+    """Every leftover but a temporary file still being written (touched within the hour)."""
+    return [
+        leftover for leftover in found.leftovers
+        if leftover.kind != "temporary" or found.scanned_at - leftover.modified >= STALE_TEMPORARY_SECONDS
+    ]
 
 
 def remove_all(
@@ -423,7 +418,6 @@ def remove_all(
     report = RemovalReport()
     leftovers = list(leftovers)
     total = len(removals) + len(leftovers)
-    now = time.time()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         done = 0
         for removal, outcome in zip(removals, pool.map(lambda r: remover.remove(r.entry.key, r.entry.inode), removals)):
@@ -434,7 +428,7 @@ def remove_all(
             done += 1
             if progress and done % _BATCH == 0:
                 progress(done, total)
-        for leftover, removed in zip(leftovers, pool.map(lambda leftover: remover.remove_leftover(leftover, now), leftovers)):
+        for leftover, removed in zip(leftovers, pool.map(remover.remove_leftover, leftovers)):
             if removed:
                 report.leftovers_removed += 1
                 report.leftover_bytes += leftover.size

@@ -136,6 +136,7 @@ def test_gc_dry_run_expiry_size_and_leftovers(mounted: Sandbox) -> None:
 
     dry = run_json(mounted, "cache", "gc", "--dry-run")  # no option means --expired
     assert dry["dry_run"] and sorted(r["key"] for r in dry["removed"]) == sorted(expiring)
+    assert dry["leftovers_removed"] == 3  # the stale temporary, the lone payload, the idle lock
     assert {r["reason"] for r in dry["removed"]} == {"expired"}
     assert all(entry_files(mounted, key) for key in expiring) and stale.exists()
 
