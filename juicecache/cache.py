@@ -57,8 +57,11 @@ class ActiveCache:
         return StoreConfig(self.location.path, self.signer, self.note_refused)
 
     def note_refused(self, path: Path, reason: str) -> None:
+        """One warning per refused file and run, however often Prefect looks at it."""
+        if any(seen == path for seen, _ in self.refused):
+            return
         self.refused.append((path, reason))
-        logger.warning("cache entry %s refused (%s); recomputing it", path.name, reason)
+        logger.warning("cache entry %s/%s refused (%s); recomputing it", path.parent.name, path.name, reason)
 
 
 _active: ActiveCache | None = None

@@ -51,7 +51,7 @@ def run_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Run the demo Prefect flow with its task cached on the shared JuiceFS volume.",
-        epilog=f"Other commands: mount, unmount, ui, stack (see `{PROG} COMMAND --help`).",
+        epilog=f"Other commands: mount, unmount, ui, stack, cache, status (see `{PROG} COMMAND --help`).",
     )
     parser.add_argument(
         "-input", "--input", dest="inputs", nargs="+", required=True, metavar="VALUE",
@@ -61,6 +61,7 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refresh", action="store_true", help="recompute and overwrite the cache entry")
     parser.add_argument("--expire", metavar="DURATION", type=_duration, help="the new entry expires after DURATION (30s, 10m, 1h, 7d)")
     parser.add_argument("--verbose", action="store_true", help="also show Prefect's own log lines")
+    parser.add_argument("--per-item", action="store_true", help="cache each value separately (a mapped task, run concurrently)")
     return parser
 
 
@@ -82,7 +83,9 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
         "the shared profile's JFS_META_URL and JFS_BUCKET. Data lives under .juicecache/stack.",
     )
     stack.add_argument("action", choices=["up", "down", "status"])
-    return {"mount": mount, "unmount": unmount, "ui": ui, "stack": stack}
+    from juicecache.cache_cli import command_parsers as cache_command_parsers  # it builds on this module
+
+    return {"mount": mount, "unmount": unmount, "ui": ui, "stack": stack, **cache_command_parsers()}
 
 
 def main(argv: Sequence[str] | None = None, root: Path | None = None) -> int:
@@ -93,6 +96,8 @@ def main(argv: Sequence[str] | None = None, root: Path | None = None) -> int:
             name = argv[0]
             options = commands[name].parse_args(argv[1:])
             settings = load_settings(root)
+            if "handler" in options:  # commands whose parser carries its handler
+                return options.handler(settings, options)
             return COMMANDS[name](settings, options)
         args = run_parser().parse_args(argv)
         return run_demo(load_settings(root), args)
@@ -116,6 +121,8 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     from juicecache.flow import demo_flow
 
     cache = activate(settings)
+    if args.per_item:
+        return run_per_item(values, args, cache.refused)
     try:
         report = demo_flow(values, refresh=args.refresh, expire=args.expire)
     except Exception as exc:  # the flow re-raises the task's own exception
@@ -138,6 +145,32 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     out.print(f"  prefect  {api}")
     if cache.refused:
         out.print(f"  note     {len(cache.refused)} damaged or unsigned entr{'y' if len(cache.refused) == 1 else 'ies'} refused and recomputed")
+    return 0
+
+
+def run_per_item(values: list[int | float | str], args: argparse.Namespace, refused: list[tuple[Path, str]]) -> int:
+    from juicecache.flow import per_item_flow
+
+    try:
+        report = per_item_flow(values, refresh=args.refresh, expire=args.expire)
+    except Exception as exc:  # the flow re-raises a task's own exception
+        raise CliError(describe_failure(exc)) from None
+    if args.json:
+        print(json.dumps(report.as_dict(), sort_keys=True))
+        return 0
+    hits = sum(item.cache == "hit" for item in report.items)
+    colour = {"hit": "green", "miss": "yellow"}.get(report.cache, "cyan")
+    out.print(
+        f"[bold {colour}]per item: {hits} of {len(report.items)} cached[/], "
+        f"{len(report.items) - hits} computed, in {report.seconds:.3f} s (saved {report.saved_seconds:.1f} s)"
+    )
+    for item in report.items:
+        out.print(f"  {item.cache:<4}  {json.dumps(item.input)}  {item.key}")
+    out.print(f"  result   {json.dumps(report.result, sort_keys=True)}")
+    where = f"JuiceFS volume '{report.volume}'" if report.volume else "local folder (not shared)"
+    out.print(f"  entries  {where}")
+    if refused:
+        out.print(f"  note     {len(refused)} damaged or unsigned entr{'y' if len(refused) == 1 else 'ies'} refused and recomputed")
     return 0
 
 

@@ -148,3 +148,95 @@ def artifact_markdown(report: RunReport, payload: Any) -> str:
             f"| time saved | {report.saved_seconds:.3f} s |",
         ]
     )
+
+
+@dataclass(frozen=True)
+class ItemReport:
+    """One input of a per-item run: its own cache entry, hit or miss."""
+
+    input: Value
+    cache: str
+    key: str
+    computed_on: str
+    computed_seconds: float
+
+
+@dataclass(frozen=True)
+class PerItemReport:
+    """What a `--per-item` run did: the combined result, and each input's entry."""
+
+    inputs: list[Value]
+    result: dict[str, Any]
+    cache: str  # "hit" (every item), "miss" (every item) or "partial"
+    items: list[ItemReport]
+    volume: str | None
+    seconds: float
+    saved_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mode": "per-item"}
+
+
+def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-item summaries merged into what `summarize` gives for the whole list."""
+    return {
+        "count": sum(part["count"] for part in summaries),
+        "sum": sum(part["sum"] for part in summaries),
+        "text": " ".join(part["text"] for part in summaries if part["text"]),
+    }
+
+
+@flow(name="juicecache-per-item", flow_run_name="per item {values}", persist_result=False, log_prints=False)
+def per_item_flow(values: list[Value], refresh: bool = False, expire: str | None = None) -> PerItemReport:
+    """`compute` mapped over one-value lists, run concurrently: each input is its own entry.
+
+    A later run that shares some inputs computes only the new ones. The entries are the
+    ones a whole-list run of a single value uses (`-input 4` and `-input 2 4 --per-item`
+    share the entry of 4).
+    """
+    cache = active()
+    started = time.perf_counter()
+    options: dict[str, Any] = {"refresh_cache": True} if refresh else {}
+    expiration = as_timedelta(expire)
+    if expiration is not None:
+        options["cache_expiration"] = expiration
+    futures = compute.with_options(**options).map([[value] for value in values])
+    futures.wait()
+    outcomes = [future.result() for future in futures]
+    items = [
+        ItemReport(
+            input=value,
+            cache="hit" if future.state.name == "Cached" else "miss",
+            key=cache_key([value]),
+            computed_on=outcome["computed_on"],
+            computed_seconds=outcome["computed_seconds"],
+        )
+        for value, future, outcome in zip(values, futures, outcomes, strict=True)
+    ]
+    kinds = {item.cache for item in items}
+    report = PerItemReport(
+        inputs=values,
+        result=combine([outcome["value"] for outcome in outcomes]),
+        cache=kinds.pop() if len(kinds) == 1 else "partial",
+        items=items,
+        volume=cache.location.volume_name,
+        seconds=round(time.perf_counter() - started, 3),
+        saved_seconds=round(sum(item.computed_seconds for item in items if item.cache == "hit"), 3),
+    )
+    create_markdown_artifact(markdown=per_item_markdown(report), key="juicecache-cache")
+    return report
+
+
+def per_item_markdown(report: PerItemReport) -> str:
+    rows = [f"| `{item.input!r}` | **{item.cache}** | `{item.key}` | `{item.computed_on}` |" for item in report.items]
+    return "\n".join(
+        [
+            f"## juicecache: per-item run, cache **{report.cache}**",
+            "",
+            "| input | cache | key | computed on |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"This run: {report.seconds:.3f} s; computation saved: {report.saved_seconds:.3f} s.",
+        ]
+    )

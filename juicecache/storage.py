@@ -18,12 +18,10 @@ result payload (read only on a hit).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import functools
 import json
 import logging
 import os
-import secrets
 import socket
 import time
 import uuid
@@ -36,103 +34,24 @@ import anyio.to_thread
 from prefect.filesystems import WritableFileSystem
 from pydantic import PrivateAttr
 
+from juicecache.entryfile import (  # noqa: F401  (re-exported: the names callers know)
+    DATA,
+    LOCKS,
+    MAGIC,
+    MAX_HEADER,
+    RECORDS,
+    TEMP_PREFIX,
+    EntryHeader,
+    EntryRefused,
+    Signer,
+    read_header,
+    verify_file,
+    write_atomically,
+)
+
 logger = logging.getLogger("juicecache")
 
-MAGIC = b"JCE1 "
-RECORDS = "records"
-DATA = "data"
-LOCKS = "locks"
-TEMP_PREFIX = ".tmp-"
 BLOCK_ID = uuid.uuid5(uuid.NAMESPACE_URL, "juicecache:entry-storage")
-# Cap the header so a garbage file without a newline is refused without reading it all.
-MAX_HEADER = 4096
-
-
-class EntryRefused(ValueError):
-    """A file failed its integrity or signature check; the cache treats it as a miss."""
-
-
-@dataclass(frozen=True)
-class EntryHeader:
-    """What the first line of every entry file says about the rest of it."""
-
-    size: int
-    digest: str
-    algorithm: str  # "sha256" (integrity only) or "hmac-sha256" (signed)
-    key_id: str | None
-    host: str
-    created: float
-    task: str | None
-
-    def to_line(self) -> bytes:
-        return MAGIC + json.dumps(self.__dict__, sort_keys=True, separators=(",", ":")).encode() + b"\n"
-
-    @classmethod
-    def from_line(cls, line: bytes) -> EntryHeader:
-        if not line.startswith(MAGIC) or not line.endswith(b"\n"):
-            raise EntryRefused("no juicecache header (not written by juicecache, or truncated)")
-        try:
-            return cls(**json.loads(line[len(MAGIC):]))
-        except (ValueError, TypeError) as exc:
-            raise EntryRefused(f"unreadable header ({exc})") from None
-
-
-@dataclass(frozen=True)
-class Signer:
-    """Digests bound to a file's name: content cannot be moved to another entry unnoticed."""
-
-    key: bytes = b""
-
-    @property
-    def algorithm(self) -> str:
-        return "hmac-sha256" if self.key else "sha256"
-
-    @property
-    def key_id(self) -> str | None:
-        return hashlib.sha256(b"juicecache-key-id:" + self.key).hexdigest()[:12] if self.key else None
-
-    def digest(self, name: str, content: bytes) -> str:
-        label = f"{name}\n".encode()
-        if self.key:
-            mac = hmac.new(self.key, label, hashlib.sha256)
-        else:
-            mac = hashlib.sha256(label)
-        mac.update(content)
-        return mac.hexdigest()
-
-    def check(self, name: str, header: EntryHeader, content: bytes) -> None:
-        if len(content) != header.size:
-            raise EntryRefused(f"truncated: {len(content)} of {header.size} bytes")
-        if self.key and header.algorithm != self.algorithm:
-            raise EntryRefused("not signed, and JUICECACHE_SIGNING_KEY is set")
-        if self.key and header.key_id != self.key_id:
-            raise EntryRefused(f"signed with another key (key id {header.key_id})")
-        if not self.key and header.algorithm != self.algorithm:
-            raise EntryRefused("signed, but JUICECACHE_SIGNING_KEY is not set here")
-        if not hmac.compare_digest(self.digest(name, content), header.digest):
-            raise EntryRefused("signature mismatch" if self.key else "checksum mismatch")
-
-
-def write_atomically(path: Path, chunks: list[bytes]) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
-    try:
-        with open(temp, "wb") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def read_header(path: Path) -> EntryHeader:
-    """Only the header: what `cache ls` needs, without reading the payload."""
-    with open(path, "rb") as handle:
-        return EntryHeader.from_line(handle.readline(MAX_HEADER))
 
 
 @dataclass(frozen=True)
@@ -173,17 +92,7 @@ class EntryStorage(WritableFileSystem):
         return self._config().root / self.kind
 
     def _resolve_path(self, path: str | None) -> Path:
-        """Entries are flat files named by key.
-
-        Prefect records the writer's absolute path in each record; another host mounts
-        the volume elsewhere, so only the file name is trusted and it is re-rooted here.
-        """
-        if not path:
-            return self.folder
-        name = Path(path).name
-        if name in ("", ".", "..") or name.startswith("."):
-            raise ValueError(f"invalid cache entry name {path!r}")
-        return self.folder / name
+        return self.folder / entry_name(path) if path else self.folder
 
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
         target = self._resolve_path(path)
@@ -196,7 +105,26 @@ class EntryStorage(WritableFileSystem):
             except EntryRefused as refused:
                 self._refuse(target, str(refused))
                 raise
+        if self.kind == RECORDS:
+            self._check_payload(content)
         return content
+
+    def _check_payload(self, record: bytes) -> None:
+        """Serve a record only when the payload it names checks out too.
+
+        Prefect decides a hit from the record alone and reads the payload afterwards;
+        a payload refused at that point would fail the task instead of recomputing it.
+        A missing payload (removed by `cache gc`) is a quiet miss.
+        """
+        config = self._config()
+        name = entry_name(json.loads(record)["storage_key"])
+        payload = config.root / DATA / name
+        identity = os.stat(payload)
+        try:
+            _verify_once(str(payload), f"{DATA}/{name}", config.signer, (identity.st_ino, identity.st_size, identity.st_mtime_ns))
+        except EntryRefused as refused:
+            self._refuse(payload, str(refused))
+            raise
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
         target = self._resolve_path(path)
@@ -225,6 +153,28 @@ class EntryStorage(WritableFileSystem):
             on_refused(path, reason)
         else:
             logger.warning("cache entry %s refused (%s): recomputing", path, reason)
+
+
+def entry_name(path: str) -> str:
+    """Entries are flat files named by key.
+
+    Prefect may record the writer's absolute path; another host mounts the volume
+    elsewhere, so only the file name is trusted and it is re-rooted by the reader.
+    """
+    name = Path(path).name
+    if name in ("", ".", "..") or name.startswith("."):
+        raise ValueError(f"invalid cache entry name {path!r}")
+    return name
+
+
+@functools.lru_cache(maxsize=4096)
+def _verify_once(path: str, name: str, signer: Signer, identity: tuple[int, int, int]) -> None:
+    """A hit reads the record twice (Prefect's exists check, then its read): hash the payload once.
+
+    Keyed by inode, size and mtime, so a rewritten file is checked again; a refusal
+    raises and is never remembered.
+    """
+    verify_file(Path(path), name, signer)
 
 
 def _current_task_name() -> str | None:

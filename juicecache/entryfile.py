@@ -1,0 +1,139 @@
+"""The entry file format: a checked header line, then the content; written atomically.
+
+Kept apart from `storage` (the Prefect block) so that the cache admin commands, which
+only read headers and remove files, start without importing Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+MAGIC = b"JCE1 "
+RECORDS = "records"
+DATA = "data"
+LOCKS = "locks"
+TEMP_PREFIX = ".tmp-"
+# Cap the header so a garbage file without a newline is refused without reading it all.
+MAX_HEADER = 4096
+_CHUNK = 1 << 20
+
+
+class EntryRefused(ValueError):
+    """A file failed its integrity or signature check; the cache treats it as a miss."""
+
+
+@dataclass(frozen=True)
+class EntryHeader:
+    """What the first line of every entry file says about the rest of it."""
+
+    size: int
+    digest: str
+    algorithm: str  # "sha256" (integrity only) or "hmac-sha256" (signed)
+    key_id: str | None
+    host: str
+    created: float
+    task: str | None
+
+    def to_line(self) -> bytes:
+        return MAGIC + json.dumps(self.__dict__, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+    @classmethod
+    def from_line(cls, line: bytes) -> EntryHeader:
+        if not line.startswith(MAGIC) or not line.endswith(b"\n"):
+            raise EntryRefused("no juicecache header (not written by juicecache, or truncated)")
+        try:
+            return cls(**json.loads(line[len(MAGIC):]))
+        except (ValueError, TypeError) as exc:
+            raise EntryRefused(f"unreadable header ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Digests bound to a file's name: content cannot be moved to another entry unnoticed."""
+
+    key: bytes = b""
+
+    @property
+    def algorithm(self) -> str:
+        return "hmac-sha256" if self.key else "sha256"
+
+    @property
+    def key_id(self) -> str | None:
+        return hashlib.sha256(b"juicecache-key-id:" + self.key).hexdigest()[:12] if self.key else None
+
+    def _start(self, name: str) -> hmac.HMAC | hashlib._Hash:
+        label = f"{name}\n".encode()
+        return hmac.new(self.key, label, hashlib.sha256) if self.key else hashlib.sha256(label)
+
+    def digest(self, name: str, content: bytes) -> str:
+        mac = self._start(name)
+        mac.update(content)
+        return mac.hexdigest()
+
+    def check(self, name: str, header: EntryHeader, content: bytes) -> None:
+        if len(content) != header.size:
+            raise EntryRefused(f"truncated: {len(content)} of {header.size} bytes")
+        self.check_header(header)
+        self._compare(header, self.digest(name, content))
+
+    def check_stream(self, name: str, header: EntryHeader, stream: BinaryIO) -> None:
+        """`check` for content read in chunks, so a large payload is never held in memory."""
+        self.check_header(header)
+        mac, size = self._start(name), 0
+        while chunk := stream.read(_CHUNK):
+            mac.update(chunk)
+            size += len(chunk)
+        if size != header.size:
+            raise EntryRefused(f"truncated: {size} of {header.size} bytes")
+        self._compare(header, mac.hexdigest())
+
+    def check_header(self, header: EntryHeader) -> None:
+        """What the header alone can refuse: no signature, or one made with another key."""
+        if self.key and header.algorithm != self.algorithm:
+            raise EntryRefused("not signed, and JUICECACHE_SIGNING_KEY is set")
+        if self.key and header.key_id != self.key_id:
+            raise EntryRefused(f"signed with another key (key id {header.key_id})")
+        if not self.key and header.algorithm != self.algorithm:
+            raise EntryRefused("signed, but JUICECACHE_SIGNING_KEY is not set here")
+
+    def _compare(self, header: EntryHeader, digest: str) -> None:
+        if not hmac.compare_digest(digest, header.digest):
+            raise EntryRefused("signature mismatch" if self.key else "checksum mismatch")
+
+
+def write_atomically(path: Path, chunks: list[bytes]) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        with open(temp, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def read_header(path: Path) -> EntryHeader:
+    """Only the header: what `cache ls` needs, without reading the payload."""
+    with open(path, "rb") as handle:
+        return EntryHeader.from_line(handle.readline(MAX_HEADER))
+
+
+def verify_file(path: Path, name: str, signer: Signer) -> EntryHeader:
+    """Check a whole entry file without keeping its content; raises `EntryRefused`."""
+    with open(path, "rb") as handle:
+        header = EntryHeader.from_line(handle.readline(MAX_HEADER))
+        signer.check_stream(name, header, handle)
+    return header

@@ -1,0 +1,186 @@
+"""Entries that cannot be trusted are misses: killed writers, damaged files, forged and tampered entries.
+
+Every case runs on a real mounted volume and ends with the right value recomputed,
+one warning per refused entry, and never a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from juicecache.entryfile import EntryHeader, read_header
+from tests.conftest import REPO, Sandbox, wait_until
+from tests.support.big_result import payload
+
+BIG_RESULT = REPO / "tests" / "support" / "big_result.py"
+SIGNING = {"JUICECACHE_SIGNING_KEY": "test-signing-key-0123456789"}
+
+
+def cache_folder(box: Sandbox) -> Path:
+    return box.mount_point / "prefect-cache"
+
+
+def warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning:")]
+
+
+def entries_in(folder: Path) -> list[str]:
+    """What a reader can see: every file but temporaries."""
+    return [name for name in os.listdir(folder) if not name.startswith(".tmp-")] if folder.exists() else []
+
+
+def run_items(box: Sandbox, *values: str, extra_env: dict[str, str] | None = None) -> tuple[dict, str]:
+    done = box.run("-input", *values, "--per-item", "--json", extra_env=extra_env)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    return json.loads(done.stdout), done.stderr
+
+
+def test_writer_killed_during_a_large_write_leaves_no_entry(mounted: Sandbox) -> None:
+    megabytes = 200
+    expected = hashlib.sha256(payload(megabytes)).hexdigest()
+    env = {**mounted.env, "PYTHONPATH": str(REPO)}
+    data = cache_folder(mounted) / "data"
+
+    def writing_temporary() -> bool:
+        return data.exists() and any(
+            item.name.startswith(".tmp-") and item.stat().st_size > 8 << 20 for item in os.scandir(data)
+        )
+
+    writer = subprocess.Popen([sys.executable, str(BIG_RESULT), str(megabytes)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(writing_temporary, timeout=120, interval=0.02), "the large write never started"
+    finally:
+        writer.kill()  # SIGKILL, mid-write
+        writer.communicate()
+    assert writer.returncode == -signal.SIGKILL
+    assert not entries_in(data) and not entries_in(data.parent / "records"), "a partial entry became visible"
+    assert any(name.startswith(".tmp-") for name in os.listdir(data))
+
+    again = subprocess.run([sys.executable, str(BIG_RESULT), str(megabytes)], env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {"cache": "Completed", "sha256": expected, "bytes": megabytes << 20}
+    assert not warnings(again.stderr) and "Traceback" not in again.stderr
+
+    hit = subprocess.run([sys.executable, str(BIG_RESULT), str(megabytes)], env=env, capture_output=True, text=True, timeout=180)
+    assert hit.returncode == 0, hit.stderr
+    assert json.loads(hit.stdout) == {"cache": "Cached", "sha256": expected, "bytes": megabytes << 20}
+
+    # The dead writer's temporary is never listed as an entry; gc removes it once an hour old.
+    assert json.loads(mounted.run("cache", "ls", "--json").stdout)["total"] == 1
+    assert any(name.startswith(".tmp-") for name in os.listdir(data))
+
+
+def test_damaged_entries_are_recomputed_with_one_warning_each(mounted: Sandbox) -> None:
+    first, _ = run_items(mounted, "1", "2", "3", "4", "5", "6")
+    keys = [item["key"] for item in first["items"]]
+    root = cache_folder(mounted)
+    damage = {
+        keys[0]: ("records", lambda raw: raw[: len(raw) // 2]),  # truncated
+        keys[1]: ("records", lambda raw: b""),  # empty
+        keys[2]: ("records", lambda raw: b"\x00garbage\xff" * 40),  # garbage
+        keys[3]: ("data", lambda raw: raw[: len(raw) - 7]),
+        keys[4]: ("data", lambda raw: b""),
+        keys[5]: ("data", lambda raw: os.urandom(len(raw))),
+    }
+    for key, (folder, spoil) in damage.items():
+        path = root / folder / key
+        path.write_bytes(spoil(path.read_bytes()))
+
+    second, stderr = run_items(mounted, "1", "2", "3", "4", "5", "6")
+    assert [item["cache"] for item in second["items"]] == ["miss"] * 6
+    assert second["result"] == first["result"] == {"count": 6, "sum": 21, "text": ""}
+    lines = warnings(stderr)
+    assert len(lines) == 6, stderr
+    for key, (folder, _) in damage.items():
+        assert sum(f"{folder}/{key} refused" in line for line in lines) == 1, lines
+
+    third, stderr = run_items(mounted, "1", "2", "3", "4", "5", "6")
+    assert [item["cache"] for item in third["items"]] == ["hit"] * 6 and not warnings(stderr)
+    assert third["result"] == first["result"]
+
+
+def test_one_run_with_a_damaged_entry_prints_one_warning(mounted: Sandbox) -> None:
+    first = mounted.run("-input", "5", "abc", "--json")
+    assert first.returncode == 0, first.stderr
+    key = json.loads(first.stdout)["key"]
+    (cache_folder(mounted) / "data" / key).write_bytes(b"not a cache entry at all\n")
+
+    done = mounted.run("-input", "5", "abc")
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning:") and key in lines[0], done.stderr
+    assert "cache miss" in done.stdout and '{"count": 2, "sum": 5, "text": "abc"}' in done.stdout
+    assert "1 damaged or unsigned entry refused" in done.stdout
+
+
+class _CreatesMarker:
+    """Unpickling this runs `open(marker, "w")`: what a malicious entry would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def crafted_payload(marker: Path) -> bytes:
+    """A payload in the form Prefect's pickle serializer reads (base64 of a pickle)."""
+    return base64.encodebytes(pickle.dumps(_CreatesMarker(marker)))
+
+
+def test_crafted_payloads_are_really_dangerous(tmp_path: Path) -> None:
+    """Guards the next test: the crafted payload does create its marker when unpickled."""
+    marker = tmp_path / "proof"
+    pickle.loads(base64.decodebytes(crafted_payload(marker))).close()
+    assert marker.exists()
+
+
+def test_tampered_signed_entries_are_refused_and_never_unpickled(mounted: Sandbox) -> None:
+    first, _ = run_items(mounted, "1", "2", "3", extra_env=SIGNING)
+    unsigned, forged, edited = (item["key"] for item in first["items"])
+    root = cache_folder(mounted)
+    marker = mounted.path / "unpickled-marker"
+    evil = crafted_payload(marker)
+    assert read_header(root / "data" / unsigned).algorithm == "hmac-sha256"
+
+    # 1. A payload with a correct checksum but no signature (what anyone can write).
+    digest = hashlib.sha256(f"data/{unsigned}\n".encode() + evil).hexdigest()
+    header = EntryHeader(len(evil), digest, "sha256", None, "attacker", time.time(), "compute")
+    (root / "data" / unsigned).write_bytes(header.to_line() + evil)
+
+    # 2. A payload that copies a genuine signed header (key id included).
+    genuine = read_header(root / "data" / forged)
+    copied = EntryHeader(len(evil), genuine.digest, genuine.algorithm, genuine.key_id, genuine.host, genuine.created, genuine.task)
+    (root / "data" / forged).write_bytes(copied.to_line() + evil)
+
+    # 3. The record's serializer field edited, its signed header kept, and the payload replaced.
+    record = root / "records" / edited
+    head, body = record.read_bytes().split(b"\n", 1)
+    metadata = json.loads(body)
+    metadata["serializer"] = {"type": "pickle", "picklelib": "pickle", "picklelib_version": None}
+    tampered = json.dumps(metadata, separators=(",", ":")).encode()
+    record.write_bytes(head + b"\n" + tampered.ljust(len(body)))
+    (root / "data" / edited).write_bytes(copied.to_line() + evil)
+
+    second, stderr = run_items(mounted, "1", "2", "3", extra_env=SIGNING)
+    assert not marker.exists(), "a tampered entry was unpickled"
+    assert [item["cache"] for item in second["items"]] == ["miss"] * 3
+    assert second["result"] == {"count": 3, "sum": 6, "text": ""}
+    lines = warnings(stderr)
+    assert len(lines) == 3, stderr
+    assert any(f"data/{unsigned} refused (not signed" in line for line in lines), lines
+    assert any(f"data/{forged} refused (signature mismatch" in line for line in lines), lines
+    assert any(f"records/{edited} refused (signature mismatch" in line for line in lines), lines
+    for key in (unsigned, forged, edited):
+        assert read_header(root / "data" / key).algorithm == "hmac-sha256"
