@@ -10,7 +10,12 @@ JuiceFS implements BSD `flock` locks across all its clients, through the metadat
 engine, and drops a lock as soon as the holding process dies. On a local folder the
 kernel gives the same guarantee between processes. So the lock needs no extra setting,
 no expiry and no clean-up, and a waiter's wait is bounded by `acquire_timeout`.
-The lock file's text (who holds it) is only ever shown to people, never trusted.
+
+Who holds a lock is recorded beside it, as the target of a symlink `KEY.lock.holder`,
+not written into the lock file: every run takes the lock, hits included, and a file's
+content costs JuiceFS an object upload (and a hit would then hang while the object
+store is down), whereas a symlink lives in the metadata engine alone. It is only ever
+shown to people, never trusted.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import fcntl
 import hashlib
 import os
 import re
+import secrets
 import socket
 import threading
 import time
@@ -27,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anyio import to_thread
+
+from juicecache.storage import make_folders
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _FIRST_POLL, _MAX_POLL = 0.01, 0.25
@@ -70,16 +78,15 @@ class FlockLockManager:
                 return True
         timeout = self._acquire_timeout() if acquire_timeout is None else acquire_timeout
         path = self.lock_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        make_folders(path.parent)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # never written: see the module docstring
         try:
             if not _flock_within(fd, fcntl.LOCK_EX, timeout):
                 raise LockTimeout(
                     f"gave up after {timeout:g} s waiting for the lock on cache key {key} "
                     f"(held by {_describe_holder(path)}); raise JUICECACHE_LOCK_TIMEOUT to wait longer"
                 )
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{holder} host={socket.gethostname()} pid={os.getpid()} since={time.time():.0f}\n".encode(), 0)
+            _record_holder(path, f"{holder} host={socket.gethostname()} pid={os.getpid()} since={time.time():.0f}")
         except BaseException:
             os.close(fd)
             raise
@@ -156,9 +163,24 @@ def _flock_within(fd: int, operation: int, timeout: float) -> bool:
             delay = min(delay * 2, _MAX_POLL)
 
 
-def _describe_holder(path: Path) -> str:
+def holder_path(lock: Path) -> Path:
+    return lock.with_name(f"{lock.name}.holder")
+
+
+def _record_holder(lock: Path, text: str) -> None:
+    """Point `KEY.lock.holder` at `text`, atomically (a temporary symlink renamed over it)."""
+    temp = lock.with_name(f".tmp-{lock.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    os.symlink(text, temp)
     try:
-        text = path.read_text(errors="replace").strip()
+        os.replace(temp, holder_path(lock))
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _describe_holder(lock: Path) -> str:
+    try:
+        text = os.readlink(holder_path(lock)).strip()
     except OSError:
         text = ""
     return text or "another process"

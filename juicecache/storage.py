@@ -18,6 +18,7 @@ result payload (read only on a hit).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -27,7 +28,8 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -113,12 +115,27 @@ class Signer:
             raise EntryRefused("signature mismatch" if self.key else "checksum mismatch")
 
 
+def make_folders(path: Path) -> None:
+    """`mkdir -p` giving every level 0755 (`Path.mkdir` gives parents 0777 less the umask):
+    under any umask, no folder of the cache is world-writable (see "Reliability" in README.md)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o755)
+        except FileExistsError:
+            pass
+
+
 def write_atomically(path: Path, chunks: list[bytes]) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        with open(temp, "wb") as handle:
+        # 0644 whatever the umask: an entry others could rewrite would be a way in for them.
+        with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as handle:
             for chunk in chunks:
                 handle.write(chunk)
             handle.flush()
@@ -187,7 +204,7 @@ class EntryStorage(WritableFileSystem):
 
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
         target = self._resolve_path(path)
-        with open(target, "rb") as handle:
+        with _reporting_io_errors(self.kind, target, "reading"), open(target, "rb") as handle:
             line = handle.readline(MAX_HEADER)
             try:
                 header = EntryHeader.from_line(line)
@@ -210,7 +227,8 @@ class EntryStorage(WritableFileSystem):
             created=time.time(),
             task=_current_task_name(),
         )
-        write_atomically(target, [header.to_line(), content])
+        with _reporting_io_errors(self.kind, target, "writing"):
+            write_atomically(target, [header.to_line(), content])
         return str(target)
 
     async def aread_path(self, path: str) -> bytes:
@@ -225,6 +243,30 @@ class EntryStorage(WritableFileSystem):
             on_refused(path, reason)
         else:
             logger.warning("cache entry %s refused (%s): recomputing", path, reason)
+
+
+# Prefect swallows a storage failure (a failed read is a miss, a failed write leaves the result
+# uncached), so it is reported here: one line per kind of failure, at most once a minute (a run
+# shows one line, a long-lived worker is not flooded). A missing entry is a plain miss, and a
+# dead mount is reported as an error by the caller.
+_QUIET_ERRNOS = {errno.ENOENT, errno.ENOTCONN, errno.ECONNABORTED}
+_REPORT_EVERY = 60.0
+_last_reported: dict[int | None, float] = {}
+
+
+@contextmanager
+def _reporting_io_errors(kind: str, path: Path, doing: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        now = time.monotonic()
+        if exc.errno not in _QUIET_ERRNOS and now - _last_reported.get(exc.errno, -_REPORT_EVERY) >= _REPORT_EVERY:
+            _last_reported[exc.errno] = now
+            logger.warning(
+                "the cache storage failed (%s %s %s/%s): results are computed and not cached until it recovers",
+                exc.strerror or type(exc).__name__, doing, kind, path.name,
+            )
+        raise
 
 
 def _current_task_name() -> str | None:
