@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INPUT ?= 1 2 3
 
-.PHONY: setup system run lint test ui clean
+.PHONY: setup system run lint test faults ui clean
 
 setup: system $(VENV)/.installed
 
@@ -30,6 +30,10 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest
+
+# The fault-injection suite alone (it is part of `make test` too).
+faults: setup
+	$(PY) -m pytest -m faults
 
 ui: setup
 	$(PY) main.py ui
