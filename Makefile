@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INPUT ?= 1 2 3
 
-.PHONY: setup system run lint test screenshots ui clean bench bench-quick
+.PHONY: setup system run lint test faults screenshots ui clean bench bench-quick
 
 setup: system $(VENV)/.installed
 
@@ -34,6 +34,10 @@ test: lint
 # Refresh the README's pictures of the Prefect UI (docs/images) from the browser test.
 screenshots: setup
 	JUICECACHE_SCREENSHOTS=docs/images $(PY) -m pytest tests/test_ui.py
+
+# The fault-injection suite alone (it is part of `make test` too).
+faults: setup
+	$(PY) -m pytest -m faults
 
 ui: setup
 	$(PY) main.py ui

@@ -23,7 +23,7 @@ from typing import NoReturn
 from rich.console import Console
 
 from juicecache.settings import Settings, SettingsError, apply_prefect_settings, load_settings, parse_duration
-from juicecache.volume import VolumeError, dead_mount_message, mount_volume, unmount_volume
+from juicecache.volume import VolumeError, dead_mount_message, failing_volume_message, mount_volume, unmount_volume
 
 PROG = "main.py"
 _INTEGER = re.compile(r"^[-+]?\d+$")
@@ -90,6 +90,7 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
 
 def main(argv: Sequence[str] | None = None, root: Path | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    never_world_writable()
     try:
         commands = command_parsers()
         if argv and argv[0] in commands:
@@ -110,6 +111,12 @@ def main(argv: Sequence[str] | None = None, root: Path | None = None) -> int:
     except KeyboardInterrupt:
         err.print(f"{PROG}: interrupted")
         return 130
+
+
+def never_world_writable() -> None:
+    """Whatever a command creates (cache folders, juicefs's log and block cache, Prefect's files)
+    is never writable by others, whatever the caller's umask: see "Reliability" in README.md."""
+    os.umask(os.umask(0) | 0o002)
 
 
 def run_demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -214,6 +221,8 @@ def describe_failure(exc: BaseException) -> str:
 
     if isinstance(exc, OSError) and exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
         return dead_mount_message(active().settings.mount_point)
+    if isinstance(exc, OSError) and exc.errno == errno.EIO and active().location.on_volume:
+        return failing_volume_message(active().settings, f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror))
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     text = str(exc).strip().splitlines()

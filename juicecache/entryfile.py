@@ -109,12 +109,27 @@ class Signer:
             raise EntryRefused("signature mismatch" if self.key else "checksum mismatch")
 
 
+def make_folders(path: Path) -> None:
+    """`mkdir -p` giving every level 0755 (`Path.mkdir` gives parents 0777 less the umask):
+    under any umask, no folder of the cache is world-writable (see "Reliability" in README.md)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o755)
+        except FileExistsError:
+            pass
+
+
 def write_atomically(path: Path, chunks: list[bytes]) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        with open(temp, "wb") as handle:
+        # 0644 whatever the umask: an entry others could rewrite would be a way in for them.
+        with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as handle:
             for chunk in chunks:
                 handle.write(chunk)
             handle.flush()

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from anyio import to_thread
 
+from juicecache.entryfile import make_folders
+
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _FIRST_POLL, _MAX_POLL = 0.01, 0.25
 # Writing the holder's name into the lock file is a data write, which JuiceFS turns into an
@@ -76,7 +78,7 @@ class FlockLockManager:
                 return True
         timeout = self._acquire_timeout() if acquire_timeout is None else acquire_timeout
         path = self.lock_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(path.parent)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if not _flock_within(fd, fcntl.LOCK_EX, timeout):

@@ -18,6 +18,7 @@ result payload (read only on a hit).
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -25,7 +26,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -96,7 +98,7 @@ class EntryStorage(WritableFileSystem):
 
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
         target = self._resolve_path(path)
-        with open(target, "rb") as handle:
+        with _reporting_io_errors(self.kind, target, "reading"), open(target, "rb") as handle:
             line = handle.readline(MAX_HEADER)
             try:
                 header = EntryHeader.from_line(line)
@@ -138,7 +140,8 @@ class EntryStorage(WritableFileSystem):
             created=time.time(),
             task=_current_task_name(),
         )
-        write_atomically(target, [header.to_line(), content])
+        with _reporting_io_errors(self.kind, target, "writing"):
+            write_atomically(target, [header.to_line(), content])
         return str(target)
 
     async def aread_path(self, path: str) -> bytes:
@@ -175,6 +178,30 @@ def _verify_once(path: str, name: str, signer: Signer, identity: tuple[int, int,
     raises and is never remembered.
     """
     verify_file(Path(path), name, signer)
+
+
+# Prefect swallows a storage failure (a failed read is a miss, a failed write leaves the result
+# uncached), so it is reported here: one line per kind of failure, at most once a minute (a run
+# shows one line, a long-lived worker is not flooded). A missing entry is a plain miss, and a
+# dead mount is reported as an error by the caller.
+_QUIET_ERRNOS = {errno.ENOENT, errno.ENOTCONN, errno.ECONNABORTED}
+_REPORT_EVERY = 60.0
+_last_reported: dict[int | None, float] = {}
+
+
+@contextmanager
+def _reporting_io_errors(kind: str, path: Path, doing: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        now = time.monotonic()
+        if exc.errno not in _QUIET_ERRNOS and now - _last_reported.get(exc.errno, -_REPORT_EVERY) >= _REPORT_EVERY:
+            _last_reported[exc.errno] = now
+            logger.warning(
+                "the cache storage failed (%s %s %s/%s): results are computed and not cached until it recovers",
+                exc.strerror or type(exc).__name__, doing, kind, path.name,
+            )
+        raise
 
 
 def _current_task_name() -> str | None:

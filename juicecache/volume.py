@@ -7,7 +7,9 @@ CLI, so the checks live here once, not twice in shell and Python.
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,13 +20,22 @@ from enum import Enum
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from juicecache.settings import Settings
+from juicecache.settings import Settings, mask_url
 
 JUICEFS_FSTYPE = "fuse.juicefs"
 # A live FUSE mount answers stat() in microseconds; a wedged one may never answer.
 LIVENESS_TIMEOUT = 5.0
 # Metadata engines and object stores that a TCP probe can check before juicefs retries for minutes.
 _DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "postgres": 5432, "mysql": 3306, "tikv": 2379, "http": 80, "https": 443}
+
+
+# By default JuiceFS retries a failed object read or write 10 times, sleeping 0, 1, 4 ... 81 s
+# between tries, and gives each request 60 s: with the object store down or wedged, a run
+# would hang for 6 to 17 minutes. These bound it (measured, see "Reliability" in README.md):
+# a read gives up after 41 s and a write after 64 s when the store accepts connections but
+# never answers, after 2 s and 14 s when it refuses them. `--io-retries` also bounds
+# JuiceFS's retries of metadata requests. Any of them set in JFS_MOUNT_OPTIONS wins.
+BOUNDED_IO_OPTIONS = {"--io-retries": "3", "--get-timeout": "10s", "--put-timeout": "10s"}
 
 
 class VolumeError(RuntimeError):
@@ -108,6 +119,18 @@ def cache_location(settings: Settings) -> CacheLocation:
     return CacheLocation(settings.fallback_dir, False, None, warning)
 
 
+def mount_log(settings: Settings) -> Path:
+    """Where the background `juicefs mount` logs (what it retried, and why it gave up)."""
+    return settings.cache_dir / "juicefs-mount.log"
+
+
+def failing_volume_message(settings: Settings, reason: str) -> str:
+    return (
+        f"the JuiceFS volume at {settings.mount_point} failed ({reason}): its metadata engine (JFS_META_URL) "
+        f"or object storage (JFS_BUCKET) did not answer in time; details in {mount_log(settings)}"
+    )
+
+
 def dead_mount_message(mount_point: Path) -> str:
     return (
         f"JuiceFS mount at {mount_point} is dead (transport endpoint is not connected): "
@@ -129,13 +152,14 @@ def mount_volume(settings: Settings) -> str:
     juicefs = juicefs_binary()
     _check_reachable(settings)
     formatted = format_volume(settings, juicefs)
-    settings.mount_point.mkdir(parents=True, exist_ok=True)
-    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(settings.mount_point, "JFS_MOUNT_POINT")
+    make_folder(settings.cache_dir, "JFS_CACHE_DIR")
     _run(
         [
             juicefs, "mount", "--background", "--no-usage-report",
             "--cache-dir", str(settings.cache_dir),
-            "--log", str(settings.cache_dir / "juicefs-mount.log"),
+            "--log", str(mount_log(settings)),
+            *bounded_io_options(settings.mount_options),
             *settings.mount_options,
             settings.meta_url, str(settings.mount_point),
         ],
@@ -143,9 +167,19 @@ def mount_volume(settings: Settings) -> str:
         what="mount",
         timeout=60,
     )
-    (settings.mount_point / settings.results_dir).mkdir(parents=True, exist_ok=True)
+    if formatted:
+        # `juicefs format` leaves the root world-writable (0777): anyone on any host could then
+        # swap the results folder for one of their own (see "Reliability" in README.md).
+        os.chmod(settings.mount_point, 0o755)
+    make_folder(settings.mount_point / settings.results_dir, "JUICECACHE_RESULTS_DIR")
     action = "formatted and mounted" if formatted else "mounted"
     return f"JuiceFS volume {settings.volume_name!r} {action} at {settings.mount_point} (metadata: {settings.masked_meta_url})"
+
+
+def bounded_io_options(user_options: tuple[str, ...]) -> list[str]:
+    """BOUNDED_IO_OPTIONS, except those the user's JFS_MOUNT_OPTIONS already set."""
+    given = {option.split("=", 1)[0] for option in user_options}
+    return [part for flag, value in BOUNDED_IO_OPTIONS.items() if flag not in given for part in (flag, value)]
 
 
 def format_volume(settings: Settings, juicefs: str) -> bool:
@@ -160,11 +194,12 @@ def format_volume(settings: Settings, juicefs: str) -> bool:
             f"metadata engine did not answer within 30 s (JFS_META_URL={settings.masked_meta_url})"
         ) from None
     if status.returncode == 0:
+        check_format(settings, status.stdout)
         return False
     if settings.meta_url.startswith("sqlite3://"):
-        Path(settings.meta_url.removeprefix("sqlite3://").split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+        make_folder(Path(settings.meta_url.removeprefix("sqlite3://").split("?")[0]).parent, "JFS_META_URL")
     if settings.storage == "file":
-        Path(settings.bucket).mkdir(parents=True, exist_ok=True)
+        make_folder(Path(settings.bucket), "JFS_BUCKET")
     _run(
         [
             juicefs, "format",
@@ -177,6 +212,42 @@ def format_volume(settings: Settings, juicefs: str) -> bool:
         timeout=60,
     )
     return True
+
+
+def check_format(settings: Settings, status_json: str) -> None:
+    """The volume in the metadata engine must be the one the settings describe.
+
+    JuiceFS mounts with the name, storage, bucket and keys stored when the volume was
+    formatted and ignores other values: a setting that differs would be silently unused.
+    (The secret key cannot be compared: JuiceFS does not show it.)
+    """
+    try:
+        stored = json.loads(status_json)["Setting"]
+    except (ValueError, KeyError, TypeError):
+        return
+    name = stored.get("Name")
+    if name != settings.volume_name:
+        raise VolumeError(
+            f"JFS_NAME: the metadata engine at {settings.masked_meta_url} holds volume {name!r}, "
+            f"not {settings.volume_name!r}: set JFS_NAME={name} or use another JFS_META_URL"
+        )
+    fixed = f"volume {name!r} was formatted with another"
+    if stored.get("Storage") != settings.storage:
+        raise VolumeError(f"JFS_STORAGE: {fixed} storage type ({stored.get('Storage')}): set JFS_STORAGE={stored.get('Storage')}")
+    if str(stored.get("Bucket", "")).rstrip("/") != settings.bucket.rstrip("/"):
+        raise VolumeError(f"JFS_BUCKET: {fixed} bucket ({mask_url(str(stored.get('Bucket')))}): set JFS_BUCKET to it")
+    if settings.access_key and stored.get("AccessKey") not in (None, "", settings.access_key):
+        raise VolumeError(f"JFS_ACCESS_KEY: {fixed} access key, which JuiceFS uses: change it with `juicefs config --access-key`")
+
+
+def make_folder(path: Path, setting: str) -> None:
+    """mkdir -p, failing in one line that names the setting the path comes from."""
+    if path.exists() and not path.is_dir():
+        raise VolumeError(f"{setting}: {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VolumeError(f"{setting}: cannot create {path}: {exc.strerror or exc}") from None
 
 
 def unmount_volume(settings: Settings) -> str:
@@ -222,7 +293,8 @@ def _answers(mount_point: Path) -> bool:
             os.stat(mount_point)
             outcome.append(True)
         except OSError as exc:
-            outcome.append(exc.errno not in (errno.ENOTCONN, errno.EIO, errno.ECONNABORTED))
+            # EIO is an answer: the client runs, its metadata engine or object store failed.
+            outcome.append(exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED))
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
@@ -260,7 +332,36 @@ def _run(args: list[str], settings: Settings, what: str, timeout: float) -> None
     except subprocess.TimeoutExpired:
         raise VolumeError(f"juicefs {what} did not finish within {timeout:.0f} s") from None
     if done.returncode != 0:
-        raise VolumeError(f"juicefs {what} failed: {_last_error(done.stderr + done.stdout, settings)}")
+        raise VolumeError(explain_failure(what, done.stderr + done.stdout, settings))
+
+
+# What juicefs says when a setting is wrong, in the order to check them: (pattern, the
+# setting, what is wrong). juicefs's own message names the fault, never the setting.
+_CULPRITS = [
+    (r"SignatureDoesNotMatch", "JFS_SECRET_KEY", "the object storage rejects the secret key"),
+    (r"InvalidAccessKeyId", "JFS_ACCESS_KEY", "the object storage does not know the access key"),
+    (r"AccessDenied|StatusCode: 403", "JFS_ACCESS_KEY", "the object storage denies these keys access"),
+    (r"WRONGPASS|NOAUTH|password authentication failed|Access denied for user", "META_PASSWORD", "the metadata engine rejects the password"),
+    (r"Invalid meta driver|DB index is out of range", "JFS_META_URL", "the metadata engine URL is not usable"),
+    (r"invalid storage", "JFS_STORAGE", "not an object storage type JuiceFS knows"),
+    (r"InvalidBucketName|NoSuchBucket|is not configured correctly|no such host", "JFS_BUCKET", "the object storage bucket is not usable"),
+    (r"unknown option|flag provided but not defined|Invalid value", "JFS_MOUNT_OPTIONS", "juicefs mount refuses an option"),
+]
+
+
+def explain_failure(what: str, output: str, settings: Settings) -> str:
+    """One line: the setting to fix when juicefs's output points at one, then juicefs's reason."""
+    reason = _last_error(output, settings)
+    for pattern, setting, problem in _CULPRITS:
+        if re.search(pattern, output):
+            return f"{setting}: juicefs {what} failed, {problem}: {_api_error(reason)}"
+    return f"juicefs {what} failed: {reason}"
+
+
+def _api_error(reason: str) -> str:
+    """S3 errors run to several hundred characters; their `api error Code: text` part says it all."""
+    found = re.search(r"api error (\w+): ([^,.]+)", reason)
+    return f"{found.group(1)}: {found.group(2)}" if found else reason
 
 
 def _last_error(output: str, settings: Settings) -> str:
@@ -272,4 +373,3 @@ def _last_error(output: str, settings: Settings) -> str:
     for secret in settings.secrets():
         message = message.replace(secret, "****")
     return message.strip()
-

@@ -26,6 +26,9 @@ from juicecache.volume import juicefs_binary
 REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "main.py"
 
+# The fault suite's summary table, printed at the end of any run that includes it.
+pytest_plugins = ["tests.support.fault_report"]
+
 
 def free_port() -> int:
     with socket.socket() as sock:

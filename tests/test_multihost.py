@@ -8,21 +8,17 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from juicecache.stack import free_ports
 from juicecache.volume import MountState, mount_info
-from tests.conftest import MAIN, REPO, force_unmount, juicefs_client_pids, wait_until
+from tests.conftest import force_unmount, juicefs_client_pids, wait_until
 from tests.support import netns
+from tests.support.cluster import Cluster, Machine, machine_env, running_cluster
 
 pytestmark = [
     pytest.mark.multihost,
@@ -32,123 +28,10 @@ pytestmark = [
 MARKER_FLOW = Path(__file__).parent / "support" / "marker_flow.py"
 
 
-@dataclass
-class Machine:
-    """A client host with its juicecache environment (the same shared .env, its own paths)."""
-
-    host: netns.Host
-    env: dict[str, str]
-    path: Path
-
-    @property
-    def mount_point(self) -> Path:
-        return Path(self.env["JFS_MOUNT_POINT"])
-
-    @property
-    def cache_dir(self) -> Path:
-        return Path(self.env["JFS_CACHE_DIR"])
-
-    def argv(self, *args: str, script: Path = MAIN) -> list[str]:
-        return [sys.executable, str(script), *args]
-
-    def run(self, *args: str, timeout: float = 120, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        try:
-            return self.host.run(
-                self.argv(*args), env={**self.env, **(extra_env or {})}, capture_output=True, text=True,
-                timeout=timeout, stdin=subprocess.DEVNULL, cwd=REPO,
-            )
-        except subprocess.TimeoutExpired as expired:
-            pytest.fail(f"{' '.join(args)} on {self.host.name} timed out; stderr: {expired.stderr!r}")
-
-    def popen(self, *args: str, script: Path = MAIN, extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        return self.host.popen(
-            self.argv(*args, script=script), env={**self.env, **(extra_env or {})},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=REPO,
-        )
-
-    def demo(self, *values: str, extra_env: dict[str, str] | None = None) -> tuple[dict, float]:
-        started = time.monotonic()
-        done = self.run("-input", *values, "--json", extra_env=extra_env)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout), time.monotonic() - started
-
-
-@dataclass
-class Cluster:
-    storage: netns.Host
-    a: Machine
-    b: Machine
-    ports: dict[str, int]
-
-
-def shared_env(path: Path, storage_ip: str, ports: dict[str, int], password: str, secret_key: str) -> dict[str, str]:
-    env_file = path / "shared.env"
-    env_file.write_text("")
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("JFS_", "JUICECACHE_", "PREFECT_", "META_"))}
-    return {
-        **inherited,
-        "JUICECACHE_ENV_FILE": str(env_file),
-        "PYTHONPATH": str(REPO),
-        "JFS_NAME": "sharedvol",
-        "JFS_META_URL": f"redis://{storage_ip}:{ports['redis']}/1",
-        "META_PASSWORD": password,
-        "JFS_STORAGE": "s3",
-        "JFS_BUCKET": f"http://{storage_ip}:{ports['s3']}/juicecache",
-        "JFS_ACCESS_KEY": "juicecache",
-        "JFS_SECRET_KEY": secret_key,
-        "PREFECT_API_URL": f"http://{storage_ip}:{ports['prefect']}/api",
-    }
-
-
-def machine_env(base: dict[str, str], path: Path, name: str) -> dict[str, str]:
-    return {
-        **base,
-        "JFS_MOUNT_POINT": str(path / name / f"mnt-{name}"),
-        "JFS_CACHE_DIR": str(path / name / "jfs-cache"),
-        "JUICECACHE_FALLBACK_DIR": str(path / name / "fallback"),
-        "PREFECT_HOME": str(path / name / "prefect"),
-    }
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    path = tmp_path_factory.mktemp("cluster")
-    password, secret_key = secrets.token_hex(8), secrets.token_hex(12)
-    with netns.network(["storage", "a", "b"]) as hosts:
-        storage = hosts["storage"]
-        # Free in the root namespace too: SeaweedFS also listens on unix sockets named by port.
-        base = free_ports(11)
-        # SeaweedFS takes s3..s3+7; nothing listens on "closed".
-        ports = {"redis": base, "s3": base + 1, "prefect": base + 9, "closed": base + 10}
-        env = shared_env(path, storage.ip, ports, password, secret_key)
-        storage_env = {**env, "JUICECACHE_ROOT": str(path / "storage"), "PREFECT_HOME": str(path / "storage" / "prefect")}
-        (path / "storage").mkdir()
-        server = None
-        machines: list[Machine] = []
-        try:
-            up = storage.run([sys.executable, str(MAIN), "stack", "up"], env=storage_env, capture_output=True, text=True, timeout=120, cwd=REPO)
-            assert up.returncode == 0, up.stdout + up.stderr
-            server = storage.popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", storage.ip, "--port", str(ports["prefect"])],
-                env={**storage_env, "PREFECT_API_URL": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            for name in ("a", "b"):
-                machine = Machine(hosts[name], machine_env(env, path, name), path / name)
-                machines.append(machine)
-                mounted = machine.run("mount", timeout=90)
-                assert mounted.returncode == 0, mounted.stderr
-            health = [sys.executable, "-c", f"import urllib.request; urllib.request.urlopen('{env['PREFECT_API_URL']}/health', timeout=1)"]
-            assert wait_until(lambda: hosts["a"].run(health, capture_output=True).returncode == 0, timeout=120)
-            yield Cluster(storage, machines[0], machines[1], ports)
-        finally:
-            for machine in machines:
-                force_unmount(machine.mount_point)
-            if server is not None:
-                os.killpg(server.pid, signal.SIGTERM)
-                server.wait(timeout=30)
-            storage.run([sys.executable, str(MAIN), "stack", "down"], env=storage_env, capture_output=True, timeout=120, cwd=REPO)
-            shutil.rmtree(path, ignore_errors=True)
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as running:
+        yield running
 
 
 def new_inputs() -> list[str]:
@@ -255,9 +138,10 @@ def test_mount_dying_during_a_run_fails_fast(cluster: Cluster, tmp_path: Path) -
 def test_unreachable_services_are_named_quickly(cluster: Cluster, tmp_path: Path) -> None:
     env = machine_env(cluster.a.env, tmp_path, "unreachable")
     machine = Machine(cluster.a.host, env, tmp_path)
+    # Nothing listens just above the Prefect server's port (just below it, the S3 gateway's gRPC does).
     for setting, broken, expected in (
-        ("JFS_META_URL", f"redis://{cluster.storage.ip}:{cluster.ports['closed']}/1", "metadata engine unreachable"),
-        ("JFS_BUCKET", f"http://{cluster.storage.ip}:{cluster.ports['closed']}/juicecache", "object storage unreachable"),
+        ("JFS_META_URL", f"redis://{cluster.storage.ip}:{cluster.ports['prefect'] + 1}/1", "metadata engine unreachable"),
+        ("JFS_BUCKET", f"http://{cluster.storage.ip}:{cluster.ports['prefect'] + 1}/juicecache", "object storage unreachable"),
     ):
         started = time.monotonic()
         done = machine.run("mount", extra_env={setting: broken}, timeout=60)

@@ -1,0 +1,209 @@
+"""Several machines, one cache: the cluster that multi-host tests stand on.
+
+A storage host (Redis + SeaweedFS S3 through `main.py stack up`, and a Prefect server)
+and client hosts A and B, each a network namespace mounting the same volume through its
+own JuiceFS client, at its own path, with its own JuiceFS cache dir. Every secret is a
+fresh random value, so tests can look for it in whatever the cluster printed or logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from juicecache.stack import free_ports
+from tests.conftest import MAIN, REPO, force_unmount, wait_until
+from tests.support import netns
+
+
+@dataclass
+class Machine:
+    """A client host with its juicecache environment (the same shared .env, its own paths).
+
+    Every `run`'s output is kept in `transcript`, so tests can check what was printed.
+    """
+
+    host: netns.Host
+    env: dict[str, str]
+    path: Path
+    umask: int | None = None  # the umask its commands start with (None: inherited)
+    transcript: list[str] = field(default_factory=list)
+
+    @property
+    def mount_point(self) -> Path:
+        return Path(self.env["JFS_MOUNT_POINT"])
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.env["JFS_CACHE_DIR"])
+
+    def argv(self, *args: str, script: Path = MAIN) -> list[str]:
+        return [sys.executable, str(script), *args]
+
+    def _start(self) -> dict:
+        return {} if self.umask is None else {"umask": self.umask}
+
+    def run(self, *args: str, timeout: float = 120, extra_env: dict[str, str] | None = None, script: Path = MAIN) -> subprocess.CompletedProcess[str]:
+        done = self.host.run(
+            self.argv(*args, script=script), env={**self.env, **(extra_env or {})}, capture_output=True, text=True,
+            timeout=timeout, stdin=subprocess.DEVNULL, cwd=REPO, **self._start(),
+        )
+        self.transcript.append(done.stdout + done.stderr)
+        return done
+
+    def popen(self, *args: str, script: Path = MAIN, extra_env: dict[str, str] | None = None, stdin=subprocess.DEVNULL) -> subprocess.Popen[str]:
+        return self.host.popen(
+            self.argv(*args, script=script), env={**self.env, **(extra_env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=stdin, cwd=REPO, **self._start(),
+        )
+
+    def demo(self, *values: str, extra_env: dict[str, str] | None = None) -> tuple[dict, float]:
+        started = time.monotonic()
+        done = self.run("-input", *values, "--json", extra_env=extra_env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout), time.monotonic() - started
+
+
+@dataclass
+class Cluster:
+    storage: netns.Host
+    a: Machine
+    b: Machine
+    ports: dict[str, int]
+    path: Path  # everything the cluster writes lives under here
+    env: dict[str, str]  # the shared settings every host uses (secrets included)
+    storage_env: dict[str, str]
+
+    @property
+    def machines(self) -> tuple[Machine, Machine]:
+        return (self.a, self.b)
+
+    @property
+    def stack_dir(self) -> Path:
+        """Where `main.py stack up` keeps the stack's data, pid and log files."""
+        return Path(self.storage_env["JUICECACHE_ROOT"]) / ".juicecache" / "stack"
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        names = ("META_PASSWORD", "JFS_ACCESS_KEY", "JFS_SECRET_KEY", "JUICECACHE_SIGNING_KEY")
+        return {name: self.env[name] for name in names if self.env.get(name)}
+
+    def stack(self, action: str) -> subprocess.CompletedProcess[str]:
+        """`main.py stack up|down|status` on the storage host: `up` starts whatever is not running."""
+        return stack_command(self.storage, self.storage_env, action)
+
+    def stop_service(self, name: str, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> None:
+        """Stop one of the stack's processes ("redis", "weed" or "s3") by the pid file it left."""
+        pid = int((self.stack_dir / f"{name}.pid").read_text())
+        os.killpg(pid, sig)
+        if sig in (signal.SIGTERM, signal.SIGKILL):
+            assert wait_until(lambda: not _running(pid), timeout, interval=0.05), f"{name} did not stop"
+
+    def resume_service(self, name: str) -> None:
+        """Let a process stopped with SIGSTOP run again."""
+        os.killpg(int((self.stack_dir / f"{name}.pid").read_text()), signal.SIGCONT)
+
+
+def shared_env(path: Path, storage_ip: str, ports: dict[str, int], **secret_values: str) -> dict[str, str]:
+    env_file = path / "shared.env"
+    env_file.write_text("")
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("JFS_", "JUICECACHE_", "PREFECT_", "META_"))}
+    return {
+        **inherited,
+        "PYTHONPATH": str(REPO),  # scripts beside the tests (user flows) import this checkout's juicecache
+        "JUICECACHE_ENV_FILE": str(env_file),
+        "JFS_NAME": "sharedvol",
+        "JFS_META_URL": f"redis://{storage_ip}:{ports['redis']}/1",
+        "JFS_STORAGE": "s3",
+        "JFS_BUCKET": f"http://{storage_ip}:{ports['s3']}/juicecache",
+        "PREFECT_API_URL": f"http://{storage_ip}:{ports['prefect']}/api",
+        **secret_values,
+    }
+
+
+def machine_env(base: dict[str, str], path: Path, name: str) -> dict[str, str]:
+    return {
+        **base,
+        "JFS_MOUNT_POINT": str(path / name / f"mnt-{name}"),
+        "JFS_CACHE_DIR": str(path / name / "jfs-cache"),
+        "JUICECACHE_FALLBACK_DIR": str(path / name / "fallback"),
+        "PREFECT_HOME": str(path / name / "prefect"),
+    }
+
+
+@contextmanager
+def running_cluster(path: Path, access_key: str = "juicecache", signing_key: str = "", umask: int | None = None) -> Iterator[Cluster]:
+    """Start the storage host and mount the volume on A and B; tear it all down on exit, even on error."""
+    secret_values = {
+        "META_PASSWORD": secrets.token_hex(8),
+        "JFS_ACCESS_KEY": access_key,
+        "JFS_SECRET_KEY": secrets.token_hex(12),
+        **({"JUICECACHE_SIGNING_KEY": signing_key} if signing_key else {}),
+    }
+    with netns.network(["storage", "a", "b"]) as hosts:
+        storage = hosts["storage"]
+        # Free in the root namespace too: SeaweedFS also listens on unix sockets named by port.
+        base = free_ports(10)
+        ports = {"redis": base, "s3": base + 1, "prefect": base + 9}
+        env = shared_env(path, storage.ip, ports, **secret_values)
+        storage_env = {**env, "JUICECACHE_ROOT": str(path / "storage"), "PREFECT_HOME": str(path / "storage" / "prefect")}
+        (path / "storage").mkdir()
+        server = None
+        machines: list[Machine] = []
+        try:
+            up = stack_command(storage, storage_env, "up")
+            assert up.returncode == 0, up.stdout + up.stderr
+            with open(path / "storage" / "prefect-server.log", "wb") as log:
+                server = storage.popen(
+                    [sys.executable, "-m", "prefect", "server", "start", "--host", storage.ip, "--port", str(ports["prefect"])],
+                    env={**storage_env, "PREFECT_API_URL": ""}, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            for name in ("a", "b"):
+                machine = Machine(hosts[name], machine_env(env, path, name), path / name, umask)
+                machines.append(machine)
+                mounted = machine.run("mount", timeout=90)
+                assert mounted.returncode == 0, mounted.stderr
+            health = [sys.executable, "-c", f"import urllib.request; urllib.request.urlopen('{env['PREFECT_API_URL']}/health', timeout=1)"]
+            assert wait_until(lambda: hosts["a"].run(health, capture_output=True).returncode == 0, timeout=120)
+            yield Cluster(storage, machines[0], machines[1], ports, path, env, storage_env)
+        finally:
+            for machine in machines:
+                force_unmount(machine.mount_point)
+            if server is not None:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(timeout=30)
+            stack_command(storage, storage_env, "down")
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# The command line with JUICECACHE_ROOT as its project root (`main.py` takes its own folder),
+# so the stack's data goes under the cluster's folder, not into this checkout's .juicecache.
+CLI = "import sys; from juicecache.cli import main; sys.exit(main())"
+
+
+def stack_command(storage: netns.Host, storage_env: dict[str, str], action: str) -> subprocess.CompletedProcess[str]:
+    return storage.run(
+        [sys.executable, "-c", CLI, "stack", action], env=storage_env, capture_output=True, text=True, timeout=120,
+        cwd=storage_env["JUICECACHE_ROOT"],
+    )
+
+
+def _running(pid: int) -> bool:
+    """Whether a stack process still runs (not our child: init reaps it). A Go server's main
+    thread turns zombie before its other threads, which still hold its sockets, are gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z" or len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
