@@ -79,10 +79,10 @@ class Entry:
 
 @dataclass(frozen=True)
 class Leftover:
-    """A file that belongs to no complete entry: a dead writer's temporary, a lone payload, an idle lock."""
+    """A file that belongs to no complete entry: a dead writer's temporary or a lone payload."""
 
     path: Path
-    kind: str  # "temporary", "payload", "lock"
+    kind: str  # "temporary" or "payload"
     size: int
     modified: float
 
@@ -178,16 +178,10 @@ def scan(root: Path, progress: Progress | None = None, full: bool = True, worker
             # Listed after the records: a listed record's payload, written before it, is
             # in this listing unless it was removed since.
             payload_inodes, payload_temporaries = _list(root / DATA)
-            lock_inodes, _ = _list(root / LOCKS)
             named = {info.payload for info in infos.values()}
             infos = {name: info if info.payload in payload_inodes else replace(info, payload_bytes=None) for name, info in infos.items()}
             leftovers = _describe(pool, record_temporaries + payload_temporaries, "temporary")
             leftovers += _describe(pool, [root / DATA / name for name in payload_inodes if name not in named], "payload")
-            leftovers += [
-                Leftover(root / LOCKS / name, "lock", 0, 0.0)
-                for name in lock_inodes
-                if name.endswith(".lock") and name.removesuffix(".lock") not in record_inodes and name.removesuffix(".lock") not in payload_inodes
-            ]
     entries = [_entry(name, info) for name, info in infos.items()]
     entries.sort(key=lambda entry: (entry.created or 0.0, entry.key), reverse=True)
     return Scan(root, entries, leftovers)
@@ -384,16 +378,14 @@ class Remover:
             if inode is not None and _inode(record) not in (inode, None):
                 return Outcome.CHANGED
             removed = [_unlink(record), _unlink(self.root / DATA / key)]
-            # Dropping the lock file too keeps `locks/` bounded. A run that opened it just
-            # before and waits on it may then compute alongside a newcomer: both write the
-            # same value atomically, so the worst case is one duplicate computation.
-            _unlink(lock_path)
+            # The lock file stays: a run that opened it just before and waits on it would
+            # otherwise lock a file nobody else sees, and compute alongside a newcomer.
             return Outcome.REMOVED if any(removed) else Outcome.MISSING
         finally:
             os.close(fd)
 
     def remove_leftover(self, leftover: Leftover) -> bool:
-        """Lone payloads and idle locks only when their key's lock is free."""
+        """Lone payloads only when their key's lock is free."""
         if leftover.kind == "temporary":
             return _unlink(leftover.path)
         return self.remove(leftover.path.name.removesuffix(".lock"), NO_RECORD) in (Outcome.REMOVED, Outcome.MISSING)

@@ -10,7 +10,12 @@ JuiceFS implements BSD `flock` locks across all its clients, through the metadat
 engine, and drops a lock as soon as the holding process dies. On a local folder the
 kernel gives the same guarantee between processes. So the lock needs no extra setting,
 no expiry and no clean-up, and a waiter's wait is bounded by `acquire_timeout`.
-The lock file's text (who holds it) is only ever shown to people, never trusted.
+
+Who holds a lock is recorded beside it, as the target of a symlink `KEY.lock.holder`,
+not written into the lock file: every run takes the lock, hits included, and a file's
+content costs JuiceFS an object upload (and a hit would then hang while the object
+store is down), whereas a symlink lives in the metadata engine alone. It is only ever
+shown to people, never trusted.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import fcntl
 import hashlib
 import os
 import re
+import secrets
 import socket
 import threading
 import time
@@ -32,11 +38,6 @@ from juicecache.entryfile import make_folders
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _FIRST_POLL, _MAX_POLL = 0.01, 0.25
-# Writing the holder's name into the lock file is a data write, which JuiceFS turns into an
-# object upload when the file is closed: one S3 PUT per cache hit (a hit holds the lock for
-# milliseconds), the largest part of a hit's time with a distant S3 in the benchmark. Only a
-# holder that keeps the lock this long, the one a waiter may need named, writes it.
-_NAME_HOLDER_AFTER = 0.5
 
 
 class LockTimeout(TimeoutError):
@@ -47,7 +48,6 @@ class LockTimeout(TimeoutError):
 class _Held:
     fd: int
     holder: str
-    naming: threading.Timer | None = None
 
 
 class FlockLockManager:
@@ -79,34 +79,20 @@ class FlockLockManager:
         timeout = self._acquire_timeout() if acquire_timeout is None else acquire_timeout
         path = self.lock_path(key)
         make_folders(path.parent)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # never written: see the module docstring
         try:
             if not _flock_within(fd, fcntl.LOCK_EX, timeout):
                 raise LockTimeout(
                     f"gave up after {timeout:g} s waiting for the lock on cache key {key} "
                     f"(held by {_describe_holder(path)}); raise JUICECACHE_LOCK_TIMEOUT to wait longer"
                 )
+            _record_holder(path, f"{holder} host={socket.gethostname()} pid={os.getpid()} since={time.time():.0f}")
         except BaseException:
             os.close(fd)
             raise
-        held = _Held(fd, holder)
-        held.naming = threading.Timer(_NAME_HOLDER_AFTER, self._name_holder, (key, held, time.time()))
-        held.naming.daemon = True
         with self._guard:
-            self._held[key] = held
-        held.naming.start()
+            self._held[key] = _Held(fd, holder)
         return True
-
-    def _name_holder(self, key: str, held: _Held, since: float) -> None:
-        """Say who holds the lock, in the lock file, for a waiter's message (only ever shown to people)."""
-        with self._guard:  # release_lock closes the descriptor under the same guard
-            if self._held.get(key) is not held:
-                return
-            try:
-                os.ftruncate(held.fd, 0)
-                os.pwrite(held.fd, f"{held.holder} host={socket.gethostname()} pid={os.getpid()} since={since:.0f}\n".encode(), 0)
-            except OSError:
-                pass
 
     async def aacquire_lock(
         self,
@@ -123,8 +109,6 @@ class FlockLockManager:
             if held is None or held.holder != holder:
                 raise ValueError(f"cannot release the lock on {key}: {holder} does not hold it")
             del self._held[key]
-            if held.naming is not None:
-                held.naming.cancel()
         # Closing the descriptor releases the flock; the file stays for the next holder.
         os.close(held.fd)
 
@@ -179,9 +163,24 @@ def _flock_within(fd: int, operation: int, timeout: float) -> bool:
             delay = min(delay * 2, _MAX_POLL)
 
 
-def _describe_holder(path: Path) -> str:
+def holder_path(lock: Path) -> Path:
+    return lock.with_name(f"{lock.name}.holder")
+
+
+def _record_holder(lock: Path, text: str) -> None:
+    """Point `KEY.lock.holder` at `text`, atomically (a temporary symlink renamed over it)."""
+    temp = lock.with_name(f".tmp-{lock.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    os.symlink(text, temp)
     try:
-        text = path.read_text(errors="replace").strip()
+        os.replace(temp, holder_path(lock))
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _describe_holder(lock: Path) -> str:
+    try:
+        text = os.readlink(holder_path(lock)).strip()
     except OSError:
         text = ""
     return text or "another process"
