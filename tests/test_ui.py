@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,17 @@ import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from tests.conftest import MAIN, REPO, Sandbox, api_answers, force_unmount, free_port, sandbox_env, wait_until
+from tests.conftest import (
+    MAIN,
+    REPO,
+    Sandbox,
+    api_answers,
+    force_unmount,
+    free_port,
+    sandbox_env,
+    stop_group,
+    wait_until,
+)
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright never downloads a browser here
 # On top of Playwright's own switches (which already turn off background networking and
@@ -75,12 +84,7 @@ def ui_sandbox() -> Iterator[tuple[Sandbox, str]]:
             assert mounted.returncode == 0, mounted.stderr
             yield box, ui_url
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+            stop_group(server)
     finally:
         force_unmount(box.mount_point)
         shutil.rmtree(folder, ignore_errors=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from juicecache.stack import free_ports
-from tests.conftest import MAIN, REPO, force_unmount, wait_until
+from tests.conftest import MAIN, REPO, force_unmount, stop_group, wait_until
 from tests.support import netns
 
 
@@ -181,8 +181,7 @@ def running_cluster(path: Path, access_key: str = "juicecache", signing_key: str
             for machine in machines:
                 force_unmount(machine.mount_point)
             if server is not None:
-                os.killpg(server.pid, signal.SIGTERM)
-                server.wait(timeout=30)
+                stop_group(server)
             stack_command(storage, storage_env, "down")
             shutil.rmtree(path, ignore_errors=True)
 
