@@ -9,7 +9,10 @@ and still leave a killed holder's lock until it expires.
 JuiceFS implements BSD `flock` locks across all its clients, through the metadata
 engine, and drops a lock as soon as the holding process dies. On a local folder the
 kernel gives the same guarantee between processes. So the lock needs no extra setting,
-no expiry and no clean-up, and a waiter's wait is bounded by `acquire_timeout`.
+no expiry and no clean-up, and a waiter's wait is bounded by `acquire_timeout`. Two
+cases need care: a lock released while the metadata engine is unreachable (retried, see
+`_release`), and the locks of a JuiceFS client that died, which JuiceFS keeps until that
+client's session expires (5 heartbeats: 60 s by default).
 
 Who holds a lock is recorded beside it, as the target of a symlink `KEY.lock.holder`,
 not written into the lock file: every run takes the lock, hits included, and a file's
@@ -20,8 +23,10 @@ shown to people, never trusted.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -38,6 +43,9 @@ from juicecache.entryfile import make_folders
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _FIRST_POLL, _MAX_POLL = 0.01, 0.25
+# How long releasing a lock keeps retrying while the metadata engine does not answer (see `_release`).
+RELEASE_PATIENCE = 60.0
+logger = logging.getLogger("juicecache")
 
 
 class LockTimeout(TimeoutError):
@@ -88,7 +96,7 @@ class FlockLockManager:
                 )
             _record_holder(path, f"{holder} host={socket.gethostname()} pid={os.getpid()} since={time.time():.0f}")
         except BaseException:
-            os.close(fd)
+            _release(fd, path)  # also when flock failed: it may have been granted all the same
             raise
         with self._guard:
             self._held[key] = _Held(fd, holder)
@@ -109,8 +117,7 @@ class FlockLockManager:
             if held is None or held.holder != holder:
                 raise ValueError(f"cannot release the lock on {key}: {holder} does not hold it")
             del self._held[key]
-        # Closing the descriptor releases the flock; the file stays for the next holder.
-        os.close(held.fd)
+        _release(held.fd, self.lock_path(key))  # the file stays for the next holder
 
     def is_locked(self, key: str) -> bool:
         with self._guard:
@@ -126,7 +133,7 @@ class FlockLockManager:
         except BlockingIOError:
             return True
         finally:
-            os.close(fd)
+            _release(fd, self.lock_path(key))
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         with self._guard:
@@ -142,10 +149,33 @@ class FlockLockManager:
         try:
             return _flock_within(fd, fcntl.LOCK_SH, self._acquire_timeout() if timeout is None else timeout)
         finally:
-            os.close(fd)
+            _release(fd, self.lock_path(key))
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
         return await to_thread.run_sync(self.wait_for_lock, key, timeout)
+
+
+def _release(fd: int, path: Path) -> None:
+    """Unlock, then close. Closing alone would release the lock too, but JuiceFS reports no
+    error from it: a release lost while the metadata engine is unreachable leaves the lock
+    held for as long as this client stays mounted, and every later run for the key waits.
+    An explicit unlock says when it failed, so it is retried until the engine answers."""
+    deadline = time.monotonic() + RELEASE_PATIENCE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            break
+        except OSError as exc:
+            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+                break  # a dead client: its locks go with its session
+            if time.monotonic() >= deadline:
+                logger.warning(
+                    "could not release the lock %s (%s): runs for its key wait until the volume is remounted",
+                    path.name, exc.strerror,
+                )
+                break
+            time.sleep(0.5)
+    os.close(fd)
 
 
 def _flock_within(fd: int, operation: int, timeout: float) -> bool:
