@@ -18,7 +18,7 @@ import sys
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rich.console import Console
 
@@ -130,10 +130,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     cache = activate(settings)
     if args.per_item:
         return run_per_item(values, args, cache.refused)
-    try:
-        report = demo_flow(values, refresh=args.refresh, expire=args.expire)
-    except Exception as exc:  # the flow re-raises the task's own exception
-        raise CliError(describe_failure(exc)) from None
+    report = run_flow(demo_flow, values, args)
     if args.json:
         print(json.dumps(report.as_dict(), sort_keys=True))
         return 0
@@ -155,13 +152,18 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_flow(flow: Callable[..., Any], values: list[int | float | str], args: argparse.Namespace) -> Any:
+    """Run a demo flow; it re-raises its task's own exception, which becomes one line."""
+    try:
+        return flow(values, refresh=args.refresh, expire=args.expire)
+    except Exception as exc:
+        raise CliError(describe_failure(exc)) from None
+
+
 def run_per_item(values: list[int | float | str], args: argparse.Namespace, refused: list[tuple[Path, str]]) -> int:
     from juicecache.flow import per_item_flow
 
-    try:
-        report = per_item_flow(values, refresh=args.refresh, expire=args.expire)
-    except Exception as exc:  # the flow re-raises a task's own exception
-        raise CliError(describe_failure(exc)) from None
+    report = run_flow(per_item_flow, values, args)
     if args.json:
         print(json.dumps(report.as_dict(), sort_keys=True))
         return 0
