@@ -29,13 +29,25 @@ LIVENESS_TIMEOUT = 5.0
 _DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "postgres": 5432, "mysql": 3306, "tikv": 2379, "http": 80, "https": 443}
 
 
-# By default JuiceFS retries a failed object read or write 10 times, sleeping 0, 1, 4 ... 81 s
-# between tries, and gives each request 60 s: with the object store down or wedged, a run
-# would hang for 6 to 17 minutes. These bound it (measured, see "Reliability" in README.md):
-# a read gives up after 41 s and a write after 64 s when the store accepts connections but
-# never answers, after 2 s and 14 s when it refuses them. `--io-retries` also bounds
-# JuiceFS's retries of metadata requests. Any of them set in JFS_MOUNT_OPTIONS wins.
-BOUNDED_IO_OPTIONS = {"--io-retries": "3", "--get-timeout": "10s", "--put-timeout": "10s"}
+# Mount options juicecache adds unless JFS_MOUNT_OPTIONS sets the same flag (it then wins).
+#
+# `--entry-cache 0`: the kernel otherwise remembers which inode a file name points to for
+# 1 s, and nothing tells it when another host replaces the file. Every entry is rewritten
+# by renaming a new file over the old one, so for up to a second a host would still read
+# the old record after another host had stored a new one (measured: every time, with two
+# mounts of one volume), and would recompute an entry that was just stored, or let
+# `cache gc` check the old file's inode and then remove the new one. With it off, a name is
+# looked up in the metadata engine each time (one round trip). File attributes stay cached
+# (`--attr-cache`): an entry file is never modified once it has its name.
+#
+# `--io-retries`, `--get-timeout`, `--put-timeout`: by default JuiceFS retries a failed
+# object read or write 10 times, sleeping 0, 1, 4 ... 81 s between tries, and gives each
+# request 60 s: with the object store down or wedged, a run would hang for 6 to 17
+# minutes. These bound it (measured, see "Reliability" in README.md): a read gives up
+# after 41 s and a write after 64 s when the store accepts connections but never
+# answers, after 2 s and 14 s when it refuses them. `--io-retries` also bounds JuiceFS's
+# retries of metadata requests.
+DEFAULT_MOUNT_OPTIONS = {"--entry-cache": "0", "--io-retries": "3", "--get-timeout": "10s", "--put-timeout": "10s"}
 
 
 class VolumeError(RuntimeError):
@@ -159,7 +171,7 @@ def mount_volume(settings: Settings) -> str:
             juicefs, "mount", "--background", "--no-usage-report",
             "--cache-dir", str(settings.cache_dir),
             "--log", str(mount_log(settings)),
-            *bounded_io_options(settings.mount_options),
+            *default_mount_options(settings.mount_options),
             *settings.mount_options,
             settings.meta_url, str(settings.mount_point),
         ],
@@ -176,10 +188,10 @@ def mount_volume(settings: Settings) -> str:
     return f"JuiceFS volume {settings.volume_name!r} {action} at {settings.mount_point} (metadata: {settings.masked_meta_url})"
 
 
-def bounded_io_options(user_options: tuple[str, ...]) -> list[str]:
-    """BOUNDED_IO_OPTIONS, except those the user's JFS_MOUNT_OPTIONS already set."""
+def default_mount_options(user_options: tuple[str, ...]) -> list[str]:
+    """DEFAULT_MOUNT_OPTIONS, except those the user's JFS_MOUNT_OPTIONS already set."""
     given = {option.split("=", 1)[0] for option in user_options}
-    return [part for flag, value in BOUNDED_IO_OPTIONS.items() if flag not in given for part in (flag, value)]
+    return [part for flag, value in DEFAULT_MOUNT_OPTIONS.items() if flag not in given for part in (flag, value)]
 
 
 def format_volume(settings: Settings, juicefs: str) -> bool:

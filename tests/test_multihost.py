@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from juicecache.entries import Outcome, Remover
+from juicecache.entryfile import DATA, RECORDS, write_atomically
 from juicecache.volume import MountState, mount_info
 from tests.conftest import force_unmount, juicefs_client_pids, wait_until
 from tests.support import netns
@@ -76,6 +78,38 @@ def test_task_body_runs_exactly_once(cluster: Cluster) -> None:
     assert all(run.returncode == 0 for run in runs), [err for _, err in outputs]
     assert len(list((cluster.a.mount_point / markers).iterdir())) == 1
     assert {stdout.strip() for stdout, _ in outputs} == {f"value-{token}"}
+
+
+def test_an_entry_replaced_on_a_is_read_new_on_b_at_once(cluster: Cluster) -> None:
+    """A host must not read the entry another host has just replaced (by rename), not even
+    within the kernel's lookup cache timeout: after the lock changes hands, the new holder's
+    check would see the old, expired record and compute the key a second time. Both mount
+    points are visible from here, so the reads follow the writes within milliseconds."""
+    name = f"replaced-{secrets.token_hex(4)}"
+    on_a, on_b = (machine.mount_point / "prefect-cache" / "records" / name for machine in cluster.machines)
+    write_atomically(on_a, [b"version 0"])
+    stale = []
+    for version in range(1, 11):
+        on_b.read_bytes()  # B now knows the name
+        write_atomically(on_a, [f"version {version}".encode()])
+        if on_b.read_bytes() != f"version {version}".encode():
+            stale.append(version)
+    on_a.unlink()
+    assert not stale, f"host B read the replaced entry in {len(stale)} of 10 rewrites"
+
+
+def test_gc_on_b_keeps_an_entry_just_rewritten_on_a(cluster: Cluster) -> None:
+    """gc removes an expired entry only if its record is still the file it judged: checked
+    under the key's lock, and against what the metadata engine says, not the kernel's cache."""
+    key = f"rewritten-{secrets.token_hex(4)}"
+    root_a, root_b = (machine.mount_point / "prefect-cache" for machine in cluster.machines)
+    write_atomically(root_a / DATA / key, [b"old payload"])
+    write_atomically(root_a / RECORDS / key, [b"old record"])
+    judged = (root_b / RECORDS / key).stat().st_ino  # what a gc scan on B saw
+    write_atomically(root_a / DATA / key, [b"new payload"])
+    write_atomically(root_a / RECORDS / key, [b"new record"])
+    assert Remover(root_b).remove(key, judged) is Outcome.CHANGED
+    assert (root_a / RECORDS / key).read_bytes() == b"new record"
 
 
 def test_killed_lock_holder_does_not_block_the_key(cluster: Cluster) -> None:
