@@ -241,7 +241,7 @@ def _remove(found: Scan, removals: list[Removal], args: argparse.Namespace, dry_
     if report.leftovers_removed:
         out.print(
             f"{verb} {report.leftovers_removed:,} leftover files ({decimal(report.leftover_bytes)}): "
-            "dead writers' temporaries and lone payloads"
+            "dead writers' temporaries, lone payloads and the lock files of removed entries"
         )
     if report.skipped:
         out.print(f"skipped {len(report.skipped):,} entries in use or rewritten meanwhile (they stay)")

@@ -29,7 +29,7 @@ from enum import Enum
 from pathlib import Path
 
 from juicecache.entryfile import DATA, LOCKS, RECORDS, TEMP_PREFIX, EntryHeader, EntryRefused, write_atomically
-from juicecache.locking import FlockLockManager
+from juicecache.locking import FlockLockManager, holder_path, lock_file_name
 
 # Temporary files untouched this long belong to a writer that died (a live one keeps writing).
 STALE_TEMPORARY_SECONDS = 3600.0
@@ -79,10 +79,10 @@ class Entry:
 
 @dataclass(frozen=True)
 class Leftover:
-    """A file that belongs to no complete entry: a dead writer's temporary or a lone payload."""
+    """A file that belongs to no complete entry: a dead writer's temporary, a lone payload or lock."""
 
     path: Path
-    kind: str  # "temporary" or "payload"
+    kind: str  # "temporary", "payload" or "lock"
     size: int
     modified: float
 
@@ -180,8 +180,10 @@ def scan(root: Path, progress: Progress | None = None, full: bool = True, worker
             payload_inodes, payload_temporaries = _list(root / DATA)
             named = {info.payload for info in infos.values()}
             infos = {name: info if info.payload in payload_inodes else replace(info, payload_bytes=None) for name, info in infos.items()}
-            leftovers = _describe(pool, record_temporaries + payload_temporaries, "temporary")
+            lock_names, lock_temporaries = _list(root / LOCKS)
+            leftovers = _describe(pool, record_temporaries + payload_temporaries + lock_temporaries, "temporary")
             leftovers += _describe(pool, [root / DATA / name for name in payload_inodes if name not in named], "payload")
+            leftovers += _lone_locks(root / LOCKS, lock_names, record_inodes)
     entries = [_entry(name, info) for name, info in infos.items()]
     entries.sort(key=lambda entry: (entry.created or 0.0, entry.key), reverse=True)
     return Scan(root, entries, leftovers)
@@ -201,6 +203,14 @@ def _list(folder: Path) -> tuple[dict[str, int], list[Path]]:
     except FileNotFoundError:
         pass
     return names, temporaries
+
+
+def _lone_locks(folder: Path, names: Iterable[str], keys: Iterable[str]) -> list[Leftover]:
+    """Lock files (and holder links) of keys without a record: their entry was removed, or
+    its key is being computed for the first time (then its lock is held, and it stays)."""
+    in_use = {lock_file_name(key) for key in keys}
+    lone = {name.removesuffix(".holder") for name in names} - in_use
+    return [Leftover(folder / name, "lock", 0, 0.0) for name in sorted(lone) if name.endswith(".lock")]
 
 
 def _chunks(names: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -247,7 +257,7 @@ def _entry(key: str, info: RecordInfo) -> Entry:
 def _describe(pool: ThreadPoolExecutor, paths: list[Path], kind: str) -> list[Leftover]:
     def describe(path: Path) -> Leftover | None:
         try:
-            status = os.stat(path)
+            status = os.lstat(path)  # a dead run's temporary holder link points nowhere
         except FileNotFoundError:
             return None
         return Leftover(path, kind, status.st_size, status.st_mtime)
@@ -378,17 +388,34 @@ class Remover:
             if inode is not None and _inode(record) not in (inode, None):
                 return Outcome.CHANGED
             removed = [_unlink(record), _unlink(self.root / DATA / key)]
-            # The lock file stays: a run that opened it just before and waits on it would
-            # otherwise lock a file nobody else sees, and compute alongside a newcomer.
+            _unlink_lock(lock_path)
             return Outcome.REMOVED if any(removed) else Outcome.MISSING
         finally:
             os.close(fd)
 
     def remove_leftover(self, leftover: Leftover) -> bool:
-        """Lone payloads only when their key's lock is free."""
+        """Lone payloads and lock files only when their lock is free."""
         if leftover.kind == "temporary":
             return _unlink(leftover.path)
-        return self.remove(leftover.path.name.removesuffix(".lock"), NO_RECORD) in (Outcome.REMOVED, Outcome.MISSING)
+        if leftover.kind == "lock":
+            return self.remove_lock(leftover.path)
+        return self.remove(leftover.path.name, NO_RECORD) in (Outcome.REMOVED, Outcome.MISSING)
+
+    def remove_lock(self, lock_path: Path) -> bool:
+        """A lock file (and its holder link) whose entry is gone, unless someone holds it."""
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return _unlink(holder_path(lock_path))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        try:
+            return _unlink_lock(lock_path)
+        finally:
+            os.close(fd)
 
 
 def removable_leftovers(found: Scan) -> list[Leftover]:
@@ -461,6 +488,13 @@ def _inode(path: Path) -> int | None:
         return os.stat(path).st_ino
     except FileNotFoundError:
         return None
+
+
+def _unlink_lock(lock_path: Path) -> bool:
+    """Called holding the lock: a run waiting on this file finds it gone once it gets the
+    lock, and locks the file at that name instead (`locking._still_named`)."""
+    _unlink(holder_path(lock_path))
+    return _unlink(lock_path)
 
 
 def _unlink(path: Path) -> bool:

@@ -8,11 +8,12 @@ and still leave a killed holder's lock until it expires.
 
 JuiceFS implements BSD `flock` locks across all its clients, through the metadata
 engine, and drops a lock as soon as the holding process dies. On a local folder the
-kernel gives the same guarantee between processes. So the lock needs no extra setting,
-no expiry and no clean-up, and a waiter's wait is bounded by `acquire_timeout`. Two
-cases need care: a lock released while the metadata engine is unreachable (retried, see
-`_release`), and the locks of a JuiceFS client that died, which JuiceFS keeps until that
-client's session expires (5 heartbeats: 60 s by default).
+kernel gives the same guarantee between processes. So the lock needs no extra setting
+and no expiry, and a waiter's wait is bounded by `acquire_timeout`. `cache gc` removes
+the lock files of the entries it removes (see `_still_named`). Two cases need care: a
+lock released while the metadata engine is unreachable (retried, see `_release`), and
+the locks of a JuiceFS client that died, which JuiceFS keeps until that client's session
+expires (5 heartbeats: 60 s by default).
 
 Who holds a lock is recorded beside it, as the target of a symlink `KEY.lock.holder`,
 not written into the lock file: every run takes the lock, hits included, and a file's
@@ -68,9 +69,7 @@ class FlockLockManager:
         self._guard = threading.Lock()
 
     def lock_path(self, key: str) -> Path:
-        """Keys that are not plain names are hashed, so no two keys share a lock file."""
-        name = key if _SAFE_KEY.match(key) else hashlib.sha256(key.encode()).hexdigest()
-        return self._folder() / f"{name}.lock"
+        return self._folder() / lock_file_name(key)
 
     def acquire_lock(
         self,
@@ -85,19 +84,24 @@ class FlockLockManager:
             if held is not None and held.holder == holder:
                 return True
         timeout = self._acquire_timeout() if acquire_timeout is None else acquire_timeout
+        deadline = time.monotonic() + timeout
         path = self.lock_path(key)
         make_folders(path.parent)
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # never written: see the module docstring
-        try:
-            if not _flock_within(fd, fcntl.LOCK_EX, timeout):
-                raise LockTimeout(
-                    f"gave up after {timeout:g} s waiting for the lock on cache key {key} "
-                    f"(held by {_describe_holder(path)}); raise JUICECACHE_LOCK_TIMEOUT to wait longer"
-                )
-            _record_holder(path, f"{holder} host={socket.gethostname()} pid={os.getpid()} since={time.time():.0f}")
-        except BaseException:
-            _release(fd, path)  # also when flock failed: it may have been granted all the same
-            raise
+        while True:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # never written: see the module docstring
+            try:
+                if not _flock_within(fd, fcntl.LOCK_EX, max(0.0, deadline - time.monotonic())):
+                    raise LockTimeout(
+                        f"gave up after {timeout:g} s waiting for the lock on cache key {key} "
+                        f"(held by {_describe_holder(path)}); raise JUICECACHE_LOCK_TIMEOUT to wait longer"
+                    )
+                if _still_named(fd, path):
+                    _record_holder(path, f"{holder} host={socket.gethostname()} pid={os.getpid()} since={time.time():.0f}")
+                    break
+            except BaseException:
+                _release(fd, path)  # also when flock failed: it may have been granted all the same
+                raise
+            _release(fd, path)  # `cache gc` removed the file while we waited on it: lock the one there now
         with self._guard:
             self._held[key] = _Held(fd, holder)
         return True
@@ -153,6 +157,22 @@ class FlockLockManager:
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
         return await to_thread.run_sync(self.wait_for_lock, key, timeout)
+
+
+def lock_file_name(key: str) -> str:
+    """Keys that are not plain names are hashed, so no two keys share a lock file."""
+    name = key if _SAFE_KEY.match(key) else hashlib.sha256(key.encode()).hexdigest()
+    return f"{name}.lock"
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Is the file locked through `fd` still the one at `path`? `cache gc` removes the lock
+    files of removed entries, under their lock; a run that opened one just before waits on
+    a file nobody else sees any more, and must not count that as holding the key."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _release(fd: int, path: Path) -> None:

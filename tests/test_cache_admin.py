@@ -135,22 +135,32 @@ def test_gc_dry_run_expiry_size_and_leftovers(mounted: Sandbox) -> None:
     fresh.write_bytes(b"being written")
     lone_payload = root / "data" / "compute-0123456789abcdef"
     lone_payload.write_bytes(b"a payload whose record is gone")
-    idle_lock = root / "locks" / "compute-fedcba9876543210.lock"
-    idle_lock.write_bytes(b"")  # kept: a waiter may hold it open (see entries.Remover.remove)
+    idle_lock = root / "locks" / "compute-fedcba9876543210.lock"  # of an entry removed earlier
+    idle_lock.write_bytes(b"")
+    os.symlink("run-1 host=gone pid=1", root / "locks" / f"{idle_lock.name}.holder")
+    dead_holder = root / "locks" / f".tmp-{idle_lock.name}.1.cafe"  # a run killed while naming itself holder
+    os.symlink("run-2 host=gone pid=2", dead_holder)
+    os.utime(dead_holder, (time.time() - 7200, time.time() - 7200), follow_symlinks=False)
+    in_use = sorted(path.name for path in (root / "locks").iterdir() if "compute-fedcba" not in path.name)
+    assert len(in_use) == 2 * 5  # a lock file and a holder link for each key run so far
 
     dry = run_json(mounted, "cache", "gc", "--dry-run")  # no option means --expired
     assert dry["dry_run"] and sorted(r["key"] for r in dry["removed"]) == sorted(expiring)
-    assert dry["leftovers_removed"] == 2  # the stale temporary and the lone payload
+    assert dry["leftovers_removed"] == 4  # the stale temporaries, the lone payload and the idle lock
     assert {r["reason"] for r in dry["removed"]} == {"expired"}
-    assert all(entry_files(mounted, key) for key in expiring) and stale.exists()
+    assert all(entry_files(mounted, key) for key in expiring) and stale.exists() and idle_lock.exists()
 
     with HeldLock(mounted, expiring[0]):
         gc = run_json(mounted, "cache", "gc", "--expired")
     assert [r["key"] for r in gc["removed"]] == [expiring[1]]
     assert gc["skipped"] == [{"key": expiring[0], "why": "busy"}]
     assert len(entry_files(mounted, expiring[0])) == 2 and not entry_files(mounted, expiring[1])
-    assert gc["leftovers_removed"] == 2
-    assert not stale.exists() and not lone_payload.exists() and idle_lock.exists() and fresh.exists()
+    assert gc["leftovers_removed"] == 4
+    assert not stale.exists() and not lone_payload.exists() and fresh.exists()
+    # The lock files of removed entries go too; a key's lock stays while its entry does.
+    assert sorted(path.name for path in (root / "locks").iterdir()) == [
+        name for name in in_use if not name.startswith(expiring[1])
+    ]
     assert run_json(mounted, "cache", "gc", "--expired")["removed"][0]["key"] == expiring[0]
 
     listed = run_json(mounted, "cache", "ls")["entries"]
