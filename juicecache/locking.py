@@ -16,14 +16,17 @@ the locks of a JuiceFS client that died, which JuiceFS keeps until that client's
 expires (5 heartbeats: 60 s by default).
 
 Who holds a lock is recorded beside it, as the target of a symlink `KEY.lock.holder`,
-not written into the lock file: every run takes the lock, hits included, and a file's
-content costs JuiceFS an object upload (and a hit would then hang while the object
-store is down), whereas a symlink lives in the metadata engine alone. It is only ever
-shown to people, never trusted.
+not written into the lock file: a file's content costs JuiceFS an object upload (and the
+lock would then hang while the object store is down), whereas a symlink lives in the
+metadata engine alone. Every run takes the lock, hits included, and holds it for
+milliseconds; only a holder that keeps it for `NAME_HOLDER_AFTER` (a run computing, the
+one a waiter may need named) records itself, so a hit writes nothing. The record is only
+ever shown to people, never trusted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -46,6 +49,9 @@ _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _FIRST_POLL, _MAX_POLL = 0.01, 0.25
 # How long releasing a lock keeps retrying while the metadata engine does not answer (see `_release`).
 RELEASE_PATIENCE = 60.0
+# A holder names itself once it has held the lock this long (see the module docstring):
+# recording it costs two metadata writes, a third of a hit's time with a distant engine.
+NAME_HOLDER_AFTER = 0.5
 logger = logging.getLogger("juicecache")
 
 
@@ -57,6 +63,7 @@ class LockTimeout(TimeoutError):
 class _Held:
     fd: int
     holder: str
+    naming: threading.Timer
 
 
 class FlockLockManager:
@@ -96,14 +103,17 @@ class FlockLockManager:
                         f"(held by {_describe_holder(path)}); raise JUICECACHE_LOCK_TIMEOUT to wait longer"
                     )
                 if _still_named(fd, path):
-                    _record_holder(path, f"{holder} host={socket.gethostname()} pid={os.getpid()} since={time.time():.0f}")
                     break
             except BaseException:
                 _release(fd, path)  # also when flock failed: it may have been granted all the same
                 raise
             _release(fd, path)  # `cache gc` removed the file while we waited on it: lock the one there now
+        text = f"{holder} host={socket.gethostname()} pid={os.getpid()} since={time.time():.0f}"
+        naming = threading.Timer(NAME_HOLDER_AFTER, _record_holder, (path, text))
+        naming.daemon = True
         with self._guard:
-            self._held[key] = _Held(fd, holder)
+            self._held[key] = _Held(fd, holder, naming)
+        naming.start()
         return True
 
     async def aacquire_lock(
@@ -121,6 +131,7 @@ class FlockLockManager:
             if held is None or held.holder != holder:
                 raise ValueError(f"cannot release the lock on {key}: {holder} does not hold it")
             del self._held[key]
+        held.naming.cancel()
         _release(held.fd, self.lock_path(key))  # the file stays for the next holder
 
     def is_locked(self, key: str) -> bool:
@@ -218,14 +229,18 @@ def holder_path(lock: Path) -> Path:
 
 
 def _record_holder(lock: Path, text: str) -> None:
-    """Point `KEY.lock.holder` at `text`, atomically (a temporary symlink renamed over it)."""
+    """Point `KEY.lock.holder` at `text`, atomically (a temporary symlink renamed over it).
+
+    Runs on a timer thread, so it may land just after the lock was released: the record
+    is then out of date, which is harmless for something only ever shown to people.
+    """
     temp = lock.with_name(f".tmp-{lock.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    os.symlink(text, temp)
     try:
+        os.symlink(text, temp)
         os.replace(temp, holder_path(lock))
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    except OSError:  # the volume failing meanwhile: the run itself reports it, not this thread
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
 
 
 def _describe_holder(lock: Path) -> str:

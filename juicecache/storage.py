@@ -18,12 +18,13 @@ result payload (read only on a hit).
 
 from __future__ import annotations
 
+import collections
 import errno
-import functools
 import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,7 +48,6 @@ from juicecache.entryfile import (  # noqa: F401  (re-exported: the names caller
     EntryRefused,
     Signer,
     read_header,
-    verify_file,
     write_atomically,
 )
 
@@ -98,35 +98,27 @@ class EntryStorage(WritableFileSystem):
 
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
         target = self._resolve_path(path)
-        with _reporting_io_errors(self.kind, target, "reading"), open(target, "rb") as handle:
-            line = handle.readline(MAX_HEADER)
-            try:
-                header = EntryHeader.from_line(line)
-                content = handle.read()
-                self._config().signer.check(f"{self.kind}/{target.name}", header, content)
-            except EntryRefused as refused:
-                self._refuse(target, str(refused))
-                raise
+        config = self._config()
+        with _reporting_io_errors(self.kind, target, "reading"):
+            checked = _checked_payloads.take(target) if self.kind == DATA else None
+            if checked is not None:
+                return checked
+            content, _ = _read_entry(target, self.kind, config)
         if self.kind == RECORDS:
-            self._check_payload(content)
+            self._check_payload(content, config)
         return content
 
-    def _check_payload(self, record: bytes) -> None:
+    def _check_payload(self, record: bytes, config: StoreConfig) -> None:
         """Serve a record only when the payload it names checks out too.
 
         Prefect decides a hit from the record alone and reads the payload afterwards;
         a payload refused at that point would fail the task instead of recomputing it.
-        A missing payload (removed by `cache gc`) is a quiet miss.
+        A missing payload (removed by `cache gc`) is a quiet miss. The checked payload is
+        kept for the read that follows, so a hit reads and hashes it once.
         """
-        config = self._config()
-        name = entry_name(json.loads(record)["storage_key"])
-        payload = config.root / DATA / name
-        identity = os.stat(payload)
-        try:
-            _verify_once(str(payload), f"{DATA}/{name}", config.signer, (identity.st_ino, identity.st_size, identity.st_mtime_ns))
-        except EntryRefused as refused:
-            self._refuse(payload, str(refused))
-            raise
+        payload = config.root / DATA / entry_name(json.loads(record)["storage_key"])
+        if not _checked_payloads.knows(payload):
+            _checked_payloads.keep(payload, *_read_entry(payload, DATA, config))
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
         target = self._resolve_path(path)
@@ -150,12 +142,24 @@ class EntryStorage(WritableFileSystem):
     async def awrite_path(self, path: str, content: bytes) -> str:
         return await anyio.to_thread.run_sync(self.write_path, path, content)
 
-    def _refuse(self, path: Path, reason: str) -> None:
-        on_refused = self._config().on_refused
-        if on_refused is not None:
-            on_refused(path, reason)
-        else:
-            logger.warning("cache entry %s refused (%s): recomputing", path, reason)
+Identity = tuple[int, int, int]  # inode, size, mtime: a file replaced since is another file
+
+
+def _read_entry(target: Path, kind: str, config: StoreConfig) -> tuple[bytes, Identity]:
+    """An entry file's content, once its header checks out, and the identity of the file read."""
+    with open(target, "rb") as handle:
+        line = handle.readline(MAX_HEADER)
+        try:
+            header = EntryHeader.from_line(line)
+            content = handle.read()
+            config.signer.check(f"{kind}/{target.name}", header, content)
+        except EntryRefused as refused:
+            if config.on_refused is not None:
+                config.on_refused(target, str(refused))
+            else:
+                logger.warning("cache entry %s refused (%s): recomputing", target, refused)
+            raise
+        return content, _identity(os.fstat(handle.fileno()))
 
 
 def entry_name(path: str) -> str:
@@ -170,14 +174,50 @@ def entry_name(path: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=4096)
-def _verify_once(path: str, name: str, signer: Signer, identity: tuple[int, int, int]) -> None:
-    """A hit reads the record twice (Prefect's exists check, then its read): hash the payload once.
+class _CheckedPayloads:
+    """Payloads checked while their record was read, until Prefect reads them.
 
-    Keyed by inode, size and mtime, so a rewritten file is checked again; a refusal
-    raises and is never remembered.
+    Keyed by the file's inode, size and mtime: a file replaced since is read and checked
+    again. Prefect reads a hit's record twice (its exists check, then its read), then the
+    payload; the second record read finds the payload known and reads nothing. Only the
+    last few payloads are kept (a large one is held only until its read takes it).
     """
-    verify_file(Path(path), name, signer)
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._known: collections.OrderedDict[str, tuple[Identity, bytes | None]] = collections.OrderedDict()
+
+    def keep(self, path: Path, content: bytes, identity: Identity) -> None:
+        with self._guard:
+            self._known[str(path)] = (identity, content)
+            self._known.move_to_end(str(path))
+            while len(self._known) > self.KEEP:
+                self._known.popitem(last=False)
+
+    def knows(self, path: Path) -> bool:
+        identity = _identity(os.stat(path))
+        with self._guard:
+            known = self._known.get(str(path))
+            return known is not None and known[0] == identity
+
+    def take(self, path: Path) -> bytes | None:
+        """The checked content, if the file is still the one checked; handed out once."""
+        identity = _identity(os.stat(path))
+        with self._guard:
+            known = self._known.get(str(path))
+            if known is None or known[0] != identity or known[1] is None:
+                return None
+            self._known[str(path)] = (identity, None)
+            return known[1]
+
+
+def _identity(status: os.stat_result) -> Identity:
+    return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+_checked_payloads = _CheckedPayloads()
 
 
 # Prefect swallows a storage failure (a failed read is a miss, a failed write leaves the result
