@@ -14,7 +14,6 @@ import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 MAGIC = b"JCE1 "
 RECORDS = "records"
@@ -23,7 +22,6 @@ LOCKS = "locks"
 TEMP_PREFIX = ".tmp-"
 # Cap the header so a garbage file without a newline is refused without reading it all.
 MAX_HEADER = 4096
-_CHUNK = 1 << 20
 
 
 class EntryRefused(ValueError):
@@ -84,17 +82,6 @@ class Signer:
         self.check_header(header)
         self._compare(header, self.digest(name, content))
 
-    def check_stream(self, name: str, header: EntryHeader, stream: BinaryIO) -> None:
-        """`check` for content read in chunks, so a large payload is never held in memory."""
-        self.check_header(header)
-        mac, size = self._start(name), 0
-        while chunk := stream.read(_CHUNK):
-            mac.update(chunk)
-            size += len(chunk)
-        if size != header.size:
-            raise EntryRefused(f"truncated: {size} of {header.size} bytes")
-        self._compare(header, mac.hexdigest())
-
     def check_header(self, header: EntryHeader) -> None:
         """What the header alone can refuse: no signature, or one made with another key."""
         if self.key and header.algorithm != self.algorithm:
@@ -144,11 +131,3 @@ def read_header(path: Path) -> EntryHeader:
     """Only the header: what `cache ls` needs, without reading the payload."""
     with open(path, "rb") as handle:
         return EntryHeader.from_line(handle.readline(MAX_HEADER))
-
-
-def verify_file(path: Path, name: str, signer: Signer) -> EntryHeader:
-    """Check a whole entry file without keeping its content; raises `EntryRefused`."""
-    with open(path, "rb") as handle:
-        header = EntryHeader.from_line(handle.readline(MAX_HEADER))
-        signer.check_stream(name, header, handle)
-    return header
