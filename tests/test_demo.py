@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
+import urllib.request
+from datetime import UTC, datetime
 
 from juicecache.volume import MountState, mount_info
-from tests.conftest import Sandbox, is_mounted
+from tests.conftest import Sandbox, is_mounted, wait_until
 
 
 def run_json(box: Sandbox, *values: str, extra: tuple[str, ...] = ()) -> tuple[dict, float]:
@@ -73,3 +76,25 @@ def test_fallback_without_a_mount(sandbox: Sandbox) -> None:
     report = json.loads(done.stdout)
     assert report["storage"].startswith(str(sandbox.fallback_dir)) and report["volume"] is None
     assert json.loads(sandbox.run("-input", "1", "--json").stdout)["cache"] == "hit"
+
+
+def heartbeat_runs(api_url: str, since: str) -> set[str]:
+    """Names of the flow runs that sent Prefect a heartbeat event since then."""
+    query = {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]}, "occurred": {"since": since}}, "limit": 50}
+    request = urllib.request.Request(
+        f"{api_url}/events/filter", data=json.dumps(query).encode(), headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return {event["resource"].get("prefect.resource.name") for event in json.load(answer)["events"]}
+
+
+def test_demo_runs_send_heartbeats_only_when_asked(sandbox: Sandbox, prefect_api: str) -> None:
+    """Heartbeats cost a demo run up to a second at its end (see `cli.demo_heartbeats`):
+    off by default, on when PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set."""
+    since = datetime.now(UTC).isoformat()
+    quiet, asked = ["quiet", secrets.token_hex(4)], ["asked", secrets.token_hex(4)]
+    assert sandbox.run("-input", *quiet).returncode == 0
+    assert sandbox.run("-input", *asked, extra_env={"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}).returncode == 0
+    asked_name, quiet_name = f"inputs {asked!r}", f"inputs {quiet!r}"
+    assert wait_until(lambda: asked_name in heartbeat_runs(prefect_api, since), 60), "the server never recorded the asked-for heartbeat"
+    assert quiet_name not in heartbeat_runs(prefect_api, since)
