@@ -173,9 +173,15 @@ def main() -> int:
         remount(env)
         done, cold = main_py(env, "cache", "stats", "--json")
         stats = json.loads(done.stdout)
-        first_scan = f"`cache stats --json`, first scan (no listing index: reads every record, {WORKERS} threads)"
+        first_scan = "`cache stats --json`, first scan (no listing index yet: folds the writers' journals)"
         figures.append((first_scan, cold, f"{stats['entries']:,} entries"))
         baselines.append(cold_listing(env, root))
+
+        ListingIndex.path(root).unlink()
+        remount(env)
+        done, unaided = main_py(env, "cache", "stats", "--json")
+        without = f"`cache stats --json` with neither index nor journals (reads every record, {WORKERS} threads)"
+        figures.append((without, unaided, f"{json.loads(done.stdout)['entries']:,} entries"))
 
         remount(env)
         done, warm = main_py(env, "cache", "stats", "--json")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,16 @@ from datetime import datetime
 from enum import Enum
 from pathlib import Path
 
-from juicecache.entryfile import DATA, LOCKS, RECORDS, TEMP_PREFIX, EntryHeader, EntryRefused, write_atomically
+from juicecache.entryfile import (
+    DATA,
+    LOCKS,
+    RECORDS,
+    TEMP_PREFIX,
+    EntryHeader,
+    EntryRefused,
+    make_folders,
+    write_atomically,
+)
 from juicecache.locking import FlockLockManager, holder_path, lock_file_name
 
 # Temporary files untouched this long belong to a writer that died (a live one keeps writing).
@@ -38,6 +48,7 @@ MAX_RECORD_BYTES = 1 << 16
 # Beyond a few threads, an embedded volume's client is the bottleneck, not the waiting.
 WORKERS = 8
 INDEX = "index"
+JOURNAL_PREFIX = "journal-"
 _BATCH = 256
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -124,6 +135,13 @@ class ListingIndex:
     record whose inode matches the index is unchanged, and so is its payload. The index
     only speeds up listing: anything unreadable in it is ignored, and no cache lookup
     ever reads it.
+
+    Writers add to it too, so that even the first scan of a large cache opens no record:
+    each record written appends one line (what a scan would read from it, and its inode)
+    to its host's journal, `index/journal-HOST` (see `note_record`). A scan folds the
+    journals into the index and removes them. A line that is lost (two hosts with one
+    name, a writer killed mid-line, a scan folding meanwhile) only means that record is
+    read the usual way.
     """
 
     VERSION = 1
@@ -152,6 +170,30 @@ class ListingIndex:
         except OSError:  # a read-only volume: the next scan just reads everything again
             pass
 
+    def fold_journals(self, root: Path) -> list[Path]:
+        """Add the writers' journal lines; returns the journals, to remove once the index is saved.
+
+        Each journal is first renamed aside, so that lines appended meanwhile go to a
+        new journal instead of being removed unread.
+        """
+        taken = []
+        folder = root / INDEX
+        for journal in sorted(folder.glob(f"{JOURNAL_PREFIX}*")) + _stale(folder.glob(f"{TEMP_PREFIX}{JOURNAL_PREFIX}*")):
+            aside = journal.with_name(f"{TEMP_PREFIX}{journal.name}.{os.getpid()}.{time.time_ns()}")
+            try:
+                os.rename(journal, aside)
+                text = aside.read_text(errors="replace")
+            except OSError:  # another scan took it first, or a read-only volume
+                continue
+            taken.append(aside)
+            for line in text.splitlines():
+                try:
+                    name, fields = json.loads(line)
+                    self.records[name] = RecordInfo(*fields)
+                except (ValueError, TypeError):  # a torn line: that record is read instead
+                    continue
+        return taken
+
 
 def scan(root: Path, progress: Progress | None = None, full: bool = True, workers: int = WORKERS) -> Scan:
     """Every entry under `root`, newest first.
@@ -162,6 +204,7 @@ def scan(root: Path, progress: Progress | None = None, full: bool = True, worker
     records = root / RECORDS
     record_inodes, record_temporaries = _list(records)
     index = ListingIndex.load(root)
+    journals = index.fold_journals(root)
     infos = {name: index.records[name] for name, inode in record_inodes.items() if name in index.records and index.records[name].inode == inode}
     unread = sorted(name for name in record_inodes if name not in infos)
     leftovers: list[Leftover] = []
@@ -172,8 +215,10 @@ def scan(root: Path, progress: Progress | None = None, full: bool = True, worker
             done += len(batch)
             if progress:
                 progress(done, len(unread))
-        if unread or len(infos) != len(index.records):
+        if unread or journals or len(infos) != len(index.records):
             ListingIndex(infos).save(root)
+            for journal in journals:
+                _unlink(journal)
         if full:
             # Listed after the records: a listed record's payload, written before it, is
             # in this listing unless it was removed since.
@@ -213,6 +258,18 @@ def _lone_locks(folder: Path, names: Iterable[str], keys: Iterable[str]) -> list
     return [Leftover(folder / name, "lock", 0, 0.0) for name in sorted(lone) if name.endswith(".lock")]
 
 
+def _stale(paths: Iterable[Path]) -> list[Path]:
+    """Journals set aside by a scan that died before removing them."""
+    stale = []
+    for path in paths:
+        try:
+            if time.time() - os.stat(path).st_mtime >= STALE_TEMPORARY_SECONDS:
+                stale.append(path)
+        except FileNotFoundError:
+            continue
+    return stale
+
+
 def _chunks(names: Sequence[str]) -> Iterator[Sequence[str]]:
     """Batches keep the pool's per-task overhead small next to the I/O."""
     for start in range(0, len(names), _BATCH):
@@ -228,6 +285,12 @@ def _read_record(root: Path, key: str, inode: int) -> tuple[str, RecordInfo | No
         raw = os.read(fd, MAX_RECORD_BYTES)
     finally:
         os.close(fd)
+    return key, describe_record(root, key, inode, raw)
+
+
+def describe_record(root: Path, key: str, inode: int, raw: bytes, payload_bytes: int | None = None) -> RecordInfo:
+    """What a scan keeps of a record file (`raw`, its whole content); the payload's size is
+    looked up unless given."""
     task = host = problem = None
     created = expires = None
     payload = key
@@ -242,11 +305,34 @@ def _read_record(root: Path, key: str, inode: int) -> tuple[str, RecordInfo | No
         payload = Path(metadata.get("storage_key") or key).name
     except (EntryRefused, ValueError, TypeError, AttributeError) as exc:
         problem = f"damaged record: {exc}"
+    if payload_bytes is None:
+        try:
+            payload_bytes = os.stat(root / DATA / payload).st_size
+        except (FileNotFoundError, ValueError):
+            payload_bytes = None
+    return RecordInfo(inode, len(raw), task, host, created, expires, payload, payload_bytes, problem)
+
+
+def note_record(root: Path, info: RecordInfo, key: str) -> None:
+    """Append a record just written to this host's journal (see `ListingIndex`).
+
+    Costs the writer one small append; any failure is ignored, since the journal only
+    speeds up listing.
+    """
+    line = json.dumps([key, list(info.__dict__.values())], separators=(",", ":")) + "\n"
+    journal = root / INDEX / f"{JOURNAL_PREFIX}{socket.gethostname()}"
     try:
-        payload_bytes: int | None = os.stat(root / DATA / payload).st_size
-    except (FileNotFoundError, ValueError):
-        payload_bytes = None
-    return key, RecordInfo(inode, len(raw), task, host, created, expires, payload, payload_bytes, problem)
+        try:
+            fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            make_folders(journal.parent)
+            fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())  # one write: appends from one host's processes never interleave
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def _entry(key: str, info: RecordInfo) -> Entry:

@@ -110,8 +110,8 @@ def make_folders(path: Path) -> None:
             pass
 
 
-def write_atomically(path: Path, chunks: list[bytes]) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
+def write_atomically(path: Path, chunks: list[bytes]) -> int:
+    """Write to a temporary file beside `path`, fsync, then rename over it. Returns its inode."""
     make_folders(path.parent)
     temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
@@ -121,10 +121,12 @@ def write_atomically(path: Path, chunks: list[bytes]) -> None:
                 handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
+            inode = os.fstat(handle.fileno()).st_ino
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    return inode
 
 
 def read_header(path: Path) -> EntryHeader:

@@ -37,6 +37,7 @@ import anyio.to_thread
 from prefect.filesystems import WritableFileSystem
 from pydantic import PrivateAttr
 
+from juicecache.entries import describe_record, note_record
 from juicecache.entryfile import (  # noqa: F401  (re-exported: the names callers know)
     DATA,
     LOCKS,
@@ -132,8 +133,12 @@ class EntryStorage(WritableFileSystem):
             created=time.time(),
             task=_current_task_name(),
         )
+        line = header.to_line()
         with _reporting_io_errors(self.kind, target, "writing"):
-            write_atomically(target, [header.to_line(), content])
+            inode = write_atomically(target, [line, content])
+        if self.kind == RECORDS:
+            root = self._config().root
+            note_record(root, describe_record(root, target.name, inode, line + content), target.name)
         return str(target)
 
     async def aread_path(self, path: str) -> bytes:

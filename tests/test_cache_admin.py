@@ -270,3 +270,26 @@ def test_cache_commands_do_not_import_prefect(sandbox: Sandbox) -> None:
         )
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines()[-1] == "False"
+
+
+def test_a_first_scan_takes_what_writers_journaled(mounted: Sandbox) -> None:
+    """Writers append each record they write to their host's journal: a scan takes an entry
+    from there, without opening its record, then folds the journal into the listing index."""
+    key = run_json(mounted, "-input", "journal", "1")["key"]
+    root = cache_folder(mounted)
+    journal = root / "index" / f"journal-{socket.gethostname()}"
+    assert key in journal.read_text()
+    assert journal.stat().st_mode & 0o777 == 0o644
+    record = root / "records" / key
+    inode = record.stat().st_ino
+    os.truncate(record, 10)  # damaged in place: same inode, so only a scan that opens it can tell
+    assert record.stat().st_ino == inode
+
+    listed = run_json(mounted, "cache", "ls")["entries"]
+    assert [(entry["key"], entry["problem"]) for entry in listed] == [(key, None)]
+    assert not journal.exists() and key in (root / "index" / "entries.json").read_text()
+    assert not [path.name for path in (root / "index").iterdir() if path.name != "entries.json"]
+
+    (root / "index" / "entries.json").unlink()  # neither journal nor index: the record is read
+    listed = run_json(mounted, "cache", "ls")["entries"]
+    assert listed[0]["problem"].startswith("damaged record")
