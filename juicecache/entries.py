@@ -288,9 +288,8 @@ def _read_record(root: Path, key: str, inode: int) -> tuple[str, RecordInfo | No
     return key, describe_record(root, key, inode, raw)
 
 
-def describe_record(root: Path, key: str, inode: int, raw: bytes, payload_bytes: int | None = None) -> RecordInfo:
-    """What a scan keeps of a record file (`raw`, its whole content); the payload's size is
-    looked up unless given."""
+def describe_record(root: Path, key: str, inode: int, raw: bytes) -> RecordInfo:
+    """What a scan keeps of a record file (`raw`, its whole content) and of its payload's size."""
     task = host = problem = None
     created = expires = None
     payload = key
@@ -305,11 +304,10 @@ def describe_record(root: Path, key: str, inode: int, raw: bytes, payload_bytes:
         payload = Path(metadata.get("storage_key") or key).name
     except (EntryRefused, ValueError, TypeError, AttributeError) as exc:
         problem = f"damaged record: {exc}"
-    if payload_bytes is None:
-        try:
-            payload_bytes = os.stat(root / DATA / payload).st_size
-        except (FileNotFoundError, ValueError):
-            payload_bytes = None
+    try:
+        payload_bytes: int | None = os.stat(root / DATA / payload).st_size
+    except (FileNotFoundError, ValueError):
+        payload_bytes = None
     return RecordInfo(inode, len(raw), task, host, created, expires, payload, payload_bytes, problem)
 
 
