@@ -285,10 +285,10 @@ def _read_record(root: Path, key: str, inode: int) -> tuple[str, RecordInfo | No
         raw = os.read(fd, MAX_RECORD_BYTES)
     finally:
         os.close(fd)
-    return key, describe_record(root, key, inode, raw)
+    return key, _describe_record(root, key, inode, raw)
 
 
-def describe_record(root: Path, key: str, inode: int, raw: bytes) -> RecordInfo:
+def _describe_record(root: Path, key: str, inode: int, raw: bytes) -> RecordInfo:
     """What a scan keeps of a record file (`raw`, its whole content) and of its payload's size."""
     task = host = problem = None
     created = expires = None
@@ -311,15 +311,17 @@ def describe_record(root: Path, key: str, inode: int, raw: bytes) -> RecordInfo:
     return RecordInfo(inode, len(raw), task, host, created, expires, payload, payload_bytes, problem)
 
 
-def note_record(root: Path, info: RecordInfo, key: str) -> None:
-    """Append a record just written to this host's journal (see `ListingIndex`).
+def note_record(root: Path, key: str, inode: int, raw: bytes) -> None:
+    """Append a record just written (`raw`, its whole content) to this host's journal (see
+    `ListingIndex`).
 
     Costs the writer one small append; any failure is ignored, since the journal only
     speeds up listing.
     """
-    line = json.dumps([key, list(info.__dict__.values())], separators=(",", ":")) + "\n"
     journal = root / INDEX / f"{JOURNAL_PREFIX}{socket.gethostname()}"
     try:
+        info = _describe_record(root, key, inode, raw)
+        line = json.dumps([key, list(info.__dict__.values())], separators=(",", ":")) + "\n"
         try:
             fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except FileNotFoundError:

@@ -37,7 +37,7 @@ import anyio.to_thread
 from prefect.filesystems import WritableFileSystem
 from pydantic import PrivateAttr
 
-from juicecache.entries import describe_record, note_record
+from juicecache.entries import note_record
 from juicecache.entryfile import (  # noqa: F401  (re-exported: the names callers know)
     DATA,
     LOCKS,
@@ -137,8 +137,7 @@ class EntryStorage(WritableFileSystem):
         with _reporting_io_errors(self.kind, target, "writing"):
             inode = write_atomically(target, [line, content])
         if self.kind == RECORDS:
-            root = self._config().root
-            note_record(root, describe_record(root, target.name, inode, line + content), target.name)
+            note_record(self._config().root, target.name, inode, line + content)
         return str(target)
 
     async def aread_path(self, path: str) -> bytes:
