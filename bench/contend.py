@@ -42,7 +42,10 @@ def main(config_path: str, sync_dir: str) -> None:
             state = target.contended(f"{config['token']}-{target.slug}", return_state=True)
             state.result()
             done = {"end": time.time(), "state": state.name}
-            (sync / f"done-{target.slug}-{os.getpid()}").write_text(json.dumps(done))
+            # Renamed into place: the coordinator reads a done file as soon as it appears.
+            written = sync / f"writing-{target.slug}-{os.getpid()}"
+            written.write_text(json.dumps(done))
+            written.rename(sync / f"done-{target.slug}-{os.getpid()}")
 
     contend()
 
