@@ -8,9 +8,10 @@ Prefect's own `RemoteFileSystem` through fsspec/s3fs for direct S3. Backends tak
 within each round, in a rotating order, so a burst of noise from the machine's other
 users lands on all of them alike.
 
-Prefect keeps the records a flow run wrote or read in an in-memory LRU; a later run (a new
-process, another host) starts empty. So the LRU is emptied before every timed hit: a hit
-then reads the volume, as it would in the next run.
+Prefect keeps the records a flow run wrote or read in an in-memory LRU, and juicecache
+remembers the entry files it checked; a later run (a new process, another host) starts
+with neither. So both are emptied before every timed hit: a hit then reads the volume, as
+it would in the next run.
 """
 
 from __future__ import annotations
@@ -249,7 +250,10 @@ class Bench:
         """One timed task run; `expect` is Prefect's state name: Completed (a miss) or Cached (a hit)."""
         from prefect.results import get_result_store
 
+        from juicecache.storage import forget_checked_files
+
         get_result_store().cache.clear()
+        forget_checked_files()
         started = time.perf_counter()
         state = task(*args, return_state=True)
         value = state.result()

@@ -101,12 +101,18 @@ class EntryStorage(WritableFileSystem):
         target = self._resolve_path(path)
         config = self._config()
         with _reporting_io_errors(self.kind, target, "reading"):
-            checked = _checked_payloads.take(target) if self.kind == DATA else None
+            if self.kind == DATA:
+                checked = _checked_payloads.current(target, hand_out=True)
+                if checked is not None:
+                    return checked
+                return _read_entry(target, DATA, config)[0]
+            checked = _checked_records.current(target)
             if checked is not None:
+                self._check_payload(checked, config)
                 return checked
-            content, _ = _read_entry(target, self.kind, config)
-        if self.kind == RECORDS:
+            content, identity = _read_entry(target, RECORDS, config)
             self._check_payload(content, config)
+        _checked_records.keep(target, content, identity)
         return content
 
     def _check_payload(self, record: bytes, config: StoreConfig) -> None:
@@ -178,18 +184,19 @@ def entry_name(path: str) -> str:
     return name
 
 
-class _CheckedPayloads:
-    """Payloads checked while their record was read, until Prefect reads them.
+class _CheckedFiles:
+    """Entry files this process read and checked, until they are read again.
 
-    Keyed by the file's inode, size and mtime: a file replaced since is read and checked
-    again. Prefect reads a hit's record twice (its exists check, then its read), then the
-    payload; the second record read finds the payload known and reads nothing. Only the
-    last few payloads are kept (a large one is held only until its read takes it).
+    Keyed by the file's inode, size and mtime: a file replaced since (entries are only
+    ever replaced by rename) is read and checked again. Each look costs one `stat`
+    instead of an open, a read and a close, each a round trip to JuiceFS's metadata
+    engine. Prefect reads a hit's record twice (its exists check, then its read), then
+    the payload: the second record read and the payload read are such looks. Only the
+    last `keep_last` files are kept.
     """
 
-    KEEP = 4
-
-    def __init__(self) -> None:
+    def __init__(self, keep_last: int) -> None:
+        self._keep_last = keep_last
         self._guard = threading.Lock()
         self._known: collections.OrderedDict[str, tuple[Identity, bytes | None]] = collections.OrderedDict()
 
@@ -197,31 +204,51 @@ class _CheckedPayloads:
         with self._guard:
             self._known[str(path)] = (identity, content)
             self._known.move_to_end(str(path))
-            while len(self._known) > self.KEEP:
+            while len(self._known) > self._keep_last:
                 self._known.popitem(last=False)
 
     def knows(self, path: Path) -> bool:
-        identity = _identity(os.stat(path))
-        with self._guard:
-            known = self._known.get(str(path))
-            return known is not None and known[0] == identity
+        """Was the file at `path` checked as it is now (its content perhaps handed out since)?"""
+        return self._look(path) is not None
 
-    def take(self, path: Path) -> bytes | None:
-        """The checked content, if the file is still the one checked; handed out once."""
+    def current(self, path: Path, hand_out: bool = False) -> bytes | None:
+        """The checked content, if the file is still the one checked; `hand_out`: only once."""
+        known = self._look(path)
+        if known is None or known[1] is None:
+            return None
+        if hand_out:
+            with self._guard:
+                self._known[str(path)] = (known[0], None)
+        return known[1]
+
+    def forget(self) -> None:
+        with self._guard:
+            self._known.clear()
+
+    def _look(self, path: Path) -> tuple[Identity, bytes | None] | None:
+        with self._guard:
+            if str(path) not in self._known:  # never seen: no need to stat it
+                return None
         identity = _identity(os.stat(path))
         with self._guard:
             known = self._known.get(str(path))
-            if known is None or known[0] != identity or known[1] is None:
-                return None
-            self._known[str(path)] = (identity, None)
-            return known[1]
+        return known if known is not None and known[0] == identity else None
 
 
 def _identity(status: os.stat_result) -> Identity:
     return status.st_ino, status.st_size, status.st_mtime_ns
 
 
-_checked_payloads = _CheckedPayloads()
+# A large payload is held only until the read that takes it; records are a few hundred
+# bytes, and a fan-out reads many of them between a record's two reads.
+_checked_payloads = _CheckedFiles(keep_last=4)
+_checked_records = _CheckedFiles(keep_last=256)
+
+
+def forget_checked_files() -> None:
+    """Read every entry afresh from now on, as a new process would (the benchmark's hits do)."""
+    for files in (_checked_payloads, _checked_records):
+        files.forget()
 
 
 # Prefect swallows a storage failure (a failed read is a miss, a failed write leaves the result

@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from juicecache.entryfile import EntryHeader, read_header
+import pytest
+
+from juicecache.entryfile import EntryHeader, EntryRefused, read_header
 from tests.conftest import REPO, Sandbox, wait_until
 from tests.support.big_result import payload
 
@@ -185,3 +187,32 @@ def test_tampered_signed_entries_are_refused_and_never_unpickled(mounted: Sandbo
     assert any(f"records/{edited} refused (signature mismatch" in line for line in lines), lines
     for key in (unsigned, forged, edited):
         assert read_header(root / "data" / key).algorithm == "hmac-sha256"
+
+
+def test_an_entry_replaced_since_this_process_read_it_is_read_again(mounted: Sandbox) -> None:
+    """A process remembers the entry files it checked (Prefect reads a hit's record twice, then its
+    payload). An entry another run replaced since, on this host or another, is read anew."""
+    from juicecache.storage import DATA, RECORDS, EntryStorage, Signer, StoreConfig
+
+    config = StoreConfig(cache_folder(mounted), Signer())
+    records, data = (EntryStorage.create(kind, lambda: config) for kind in (RECORDS, DATA))
+
+    def store(value: bytes) -> None:  # as Prefect writes an entry: payload, then record
+        data.write_path("key", value)
+        records.write_path("key", json.dumps({"storage_key": "key", "value": value.decode()}).encode())
+
+    def read() -> tuple[str, bytes]:
+        return json.loads(records.read_path("key"))["value"], data.read_path("key")
+
+    store(b"first")
+    assert read() == ("first", b"first")
+    assert read() == ("first", b"first")  # the record served from memory, the payload read again
+    subprocess.run(
+        [sys.executable, "-c", "import sys; from juicecache.entryfile import write_atomically as w; from pathlib import Path; "
+         "w(Path(sys.argv[1]), [b'not even an entry'])", str(cache_folder(mounted) / "data" / "key")],
+        check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    with pytest.raises(EntryRefused):  # a record is served only with a payload that checks out
+        records.read_path("key")
+    store(b"second")
+    assert read() == ("second", b"second")
