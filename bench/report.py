@@ -124,8 +124,9 @@ def markdown(results: dict, found: list[Verdict]) -> str:
         "a Prefect server, the JuiceFS and s3fs-fuse mounts.",
         f"- {LATENCY_NOTE.format(s3=meta['delays_ms']['s3_one_way'], redis=meta['delays_ms']['redis_one_way'])}",
         "- Timings are task-level (one task run through Prefect's engine inside a flow), medians with p95, "
-        "backends interleaved in a rotating order. Prefect's in-memory record cache is emptied before each timed hit, "
-        "so a hit reads storage as the next run (a new process, another host) would.",
+        "backends interleaved in a rotating order. Prefect's in-memory record cache, and the entry files juicecache "
+        "remembers having checked, are emptied before each timed hit, so a hit reads storage as the next run (a new "
+        "process, another host) would.",
         "",
         "## Targets",
         "",
@@ -232,9 +233,10 @@ def markdown(results: dict, found: list[Verdict]) -> str:
             "",
             "### Checked facts",
             "",
-            f"- Files a hit reads: {json.dumps(facts['reads_per_hit'])} (counted on one hit). With `key_storage`, "
-            "Prefect reads the small record twice (its existence check, then the read) and the payload once; "
-            "without it, the existence check would read and parse the whole payload too.",
+            f"- Files a hit reads: {json.dumps(facts['reads_per_hit'])} (Prefect's reads, counted on one hit). With "
+            "`key_storage`, Prefect reads the small record twice (its existence check, then the read) and the payload "
+            "once; without it, the existence check would read and parse the whole payload too. juicecache answers the "
+            "second record read with a `stat` (it keeps the records it checked, by inode, size and mtime).",
             f"- A 64 MiB result (pickle: {entry['pickle_bytes'] / MIB:.1f} MiB) is a {entry['data_file_bytes'] / MIB:.1f} MiB "
             f"entry file with serializer `{entry['serializer']}`, plus a {entry['record_file_bytes']} byte record.",
             f"- On this CPU, SHA-256 runs at {facts['sha256_mib_per_s']:.0f} MiB/s and a base64 encode+decode round trip "
