@@ -27,6 +27,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
+from juicecache.entryfile import KEY_DIGEST_CHARS, KEY_PREFIX_CHARS
 from juicecache.locking import FlockLockManager
 from juicecache.serializer import RawPickleSerializer
 from juicecache.settings import Settings, load_settings, parse_duration
@@ -150,7 +151,7 @@ def namespaced_key(
     user returns becomes a safe file name.
     """
     identity = task_identity(fn, version)
-    prefix = re.sub(r"[^a-z0-9]+", "-", fn.__name__.lower()).strip("-")[:40] or "task"
+    prefix = re.sub(r"[^a-z0-9]+", "-", fn.__name__.lower()).strip("-")[:KEY_PREFIX_CHARS] or "task"
 
     def key(context: TaskRunContext | None, parameters: dict[str, Any]) -> str | None:
         kept = {name: value for name, value in parameters.items() if name not in exclude}
@@ -164,7 +165,7 @@ def namespaced_key(
         if user_key is None:
             return None
         digest = hashlib.sha256(f"{identity}\n{user_key}".encode()).hexdigest()
-        return f"{prefix}-{digest[:40]}"
+        return f"{prefix}-{digest[:KEY_DIGEST_CHARS]}"
 
     return key
 

@@ -162,7 +162,7 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
         ("entries", f"{stats.entries:,}"),
         ("size", decimal(stats.total_bytes)),
         ("expired", f"{stats.expired:,}"),
-        ("unusable", f"{stats.damaged:,} (damaged or incomplete: `cache gc` removes them)"),
+        ("unusable", f"{stats.damaged:,} (damaged, incomplete, or a failed run's result: `cache gc` removes them)"),
         ("oldest", _when(stats.oldest)),
         ("newest", _when(stats.newest)),
         (

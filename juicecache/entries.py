@@ -30,6 +30,7 @@ from enum import Enum
 from pathlib import Path
 
 from juicecache.entryfile import (
+    CACHE_KEY,
     DATA,
     LOCKS,
     RECORDS,
@@ -335,8 +336,13 @@ def note_record(root: Path, key: str, inode: int, raw: bytes) -> None:
         pass
 
 
+NOT_A_CACHE_KEY = "not a cache key (a failed or uncached run's result)"
+
+
 def _entry(key: str, info: RecordInfo) -> Entry:
     problem = info.problem or (None if info.payload_bytes is not None else "payload missing")
+    if problem is None and not CACHE_KEY.fullmatch(key):
+        problem = NOT_A_CACHE_KEY
     return Entry(key, info.inode, info.task, info.host, info.created, info.expires, info.size, info.payload_bytes, problem)
 
 

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import socket
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ LOCKS = "locks"
 TEMP_PREFIX = ".tmp-"
 # Cap the header so a garbage file without a newline is refused without reading it all.
 MAX_HEADER = 4096
+# Entries are named by cache key: the task's name (up to 40 characters), then 40 hex digits
+# of a SHA-256 (see `cache.namespaced_key`). Prefect also stores the result of a failed run,
+# or of a call whose key function returned None, beside them under a random name: never a hit.
+KEY_PREFIX_CHARS = KEY_DIGEST_CHARS = 40
+CACHE_KEY = re.compile(rf"[a-z0-9-]{{1,{KEY_PREFIX_CHARS}}}-[0-9a-f]{{{KEY_DIGEST_CHARS}}}")
 
 
 class EntryRefused(ValueError):

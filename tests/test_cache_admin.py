@@ -293,3 +293,27 @@ def test_a_first_scan_takes_what_writers_journaled(mounted: Sandbox) -> None:
     (root / "index" / "entries.json").unlink()  # neither journal nor index: the record is read
     listed = run_json(mounted, "cache", "ls")["entries"]
     assert listed[0]["problem"].startswith("damaged record")
+
+
+def test_a_failed_runs_stored_result_is_listed_as_such_and_collected(mounted: Sandbox) -> None:
+    """Prefect stores a failed run's exception beside the entries, under a random name:
+    never a hit. It is listed as such, and the first `cache gc` removes it."""
+    def user_flow(*calls: tuple[str, list, dict]) -> subprocess.CompletedProcess[str]:
+        return mounted.run(json.dumps(calls), script=REPO / "tests" / "support" / "user_flow.py", extra_env={"PYTHONPATH": str(REPO)})
+
+    ok = user_flow(("square", [3], {}))
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    failed = user_flow(("guarded", [1, "<lock>"], {}))
+    assert failed.returncode == 1 and "UnhashableInput" in failed.stderr
+
+    listed = {entry["task"]: entry for entry in run_json(mounted, "cache", "ls")["entries"]}
+    assert set(listed) == {"square", "guarded"}
+    assert listed["square"]["problem"] is None
+    assert listed["guarded"]["problem"] == "not a cache key (a failed or uncached run's result)"
+    assert run_json(mounted, "cache", "stats")["damaged"] == 1
+
+    gc = run_json(mounted, "cache", "gc")
+    assert [(item["key"], item["reason"]) for item in gc["removed"]] == [(listed["guarded"]["key"], listed["guarded"]["problem"])]
+    assert not entry_files(mounted, listed["guarded"]["key"])
+    again = user_flow(("square", [3], {}))
+    assert json.loads(again.stdout.splitlines()[-1])[0]["state"] == "Cached"
