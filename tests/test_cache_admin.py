@@ -15,6 +15,7 @@ import pytest
 
 from juicecache.entryfile import EntryHeader, Signer, write_atomically
 from tests.conftest import REPO, Sandbox, free_port, juicefs_client_pids
+from tests.test_api import ON_PATH, USER_FLOW, run_flow
 from tests.test_errors import assert_one_line_error
 
 
@@ -298,12 +299,8 @@ def test_a_first_scan_takes_what_writers_journaled(mounted: Sandbox) -> None:
 def test_a_failed_runs_stored_result_is_listed_as_such_and_collected(mounted: Sandbox) -> None:
     """Prefect stores a failed run's exception beside the entries, under a random name:
     never a hit. It is listed as such, and the first `cache gc` removes it."""
-    def user_flow(*calls: tuple[str, list, dict]) -> subprocess.CompletedProcess[str]:
-        return mounted.run(json.dumps(calls), script=REPO / "tests" / "support" / "user_flow.py", extra_env={"PYTHONPATH": str(REPO)})
-
-    ok = user_flow(("square", [3], {}))
-    assert ok.returncode == 0, ok.stderr[-3000:]
-    failed = user_flow(("guarded", [1, "<lock>"], {}))
+    assert run_flow(mounted, ("square", [3], {}))[0]["state"] == "Completed"
+    failed = mounted.run(json.dumps([("guarded", [1, "<lock>"], {})]), script=USER_FLOW, extra_env=ON_PATH)
     assert failed.returncode == 1 and "UnhashableInput" in failed.stderr
 
     listed = {entry["task"]: entry for entry in run_json(mounted, "cache", "ls")["entries"]}
@@ -315,5 +312,4 @@ def test_a_failed_runs_stored_result_is_listed_as_such_and_collected(mounted: Sa
     gc = run_json(mounted, "cache", "gc")
     assert [(item["key"], item["reason"]) for item in gc["removed"]] == [(listed["guarded"]["key"], listed["guarded"]["problem"])]
     assert not entry_files(mounted, listed["guarded"]["key"])
-    again = user_flow(("square", [3], {}))
-    assert json.loads(again.stdout.splitlines()[-1])[0]["state"] == "Cached"
+    assert run_flow(mounted, ("square", [3], {}))[0]["state"] == "Cached"
