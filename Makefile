@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INPUT ?= 1 2 3
 
-.PHONY: setup system run lint test faults screenshots ui clean bench bench-quick
+.PHONY: setup system run lint test test-fast faults screenshots ui clean bench bench-quick
 
 setup: system $(VENV)/.installed
 
@@ -30,6 +30,10 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest
+
+# The fast layer alone: no root, FUSE or server (a temporary folder stands for the volume).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest tests/unit -q
 
 # Refresh the README's pictures of the Prefect UI (docs/images) from the browser test.
 screenshots: setup

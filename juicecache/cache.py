@@ -1,10 +1,11 @@
-"""The cache: keys, Prefect's cache policy wired to the volume, and the `cached_task` decorator.
+"""The cache: keys, Prefect's cache policy wired to a store, and the `cached_task` decorator.
 
 Prefect decides a hit by finding an unexpired result record under the policy's key
-storage; this module only points that machinery at the volume and adds what Prefect
-lacks for a shared volume: atomic checked entries (`storage`), a crash-safe cross-host
-lock (`locking`), keys that are stable across machines, and one warning when an entry
-is refused.
+storage; this module only points that machinery at a `Store` (by default the one volume
+this process mounts) and adds what Prefect lacks for a shared volume: keys that are the
+same on every machine however the code was loaded (`task_identity`), an entry committed
+when its task ends (`transactions`), and a key error that fails the task instead of
+silently running it uncached.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import hashlib
 import inspect
 import logging
 import re
-import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, overload
@@ -25,14 +25,15 @@ from uuid import UUID
 from prefect import Task, task
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
+from prefect.transactions import get_transaction
 from prefect.utilities.hashing import hash_objects
 
 from juicecache.entryfile import KEY_DIGEST_CHARS, KEY_PREFIX_CHARS
-from juicecache.locking import FlockLockManager
+from juicecache.fallback import show_fallback
 from juicecache.serializer import RawPickleSerializer
-from juicecache.settings import Settings, load_settings, parse_duration
-from juicecache.storage import DATA, LOCKS, RECORDS, EntryStorage, Signer, StoreConfig
-from juicecache.volume import CacheLocation, cache_location
+from juicecache.settings import Settings, parse_duration
+from juicecache.store import DEFAULT_STORE, Resolved, Store
+from juicecache.transactions import commit_with_task
 
 logger = logging.getLogger("juicecache")
 
@@ -45,65 +46,19 @@ class UnhashableInput(TypeError):
     """An argument cannot be turned into a stable cache key."""
 
 
-@dataclass
-class ActiveCache:
-    """Where and how this process caches: resolved once, on first use."""
-
-    settings: Settings
-    location: CacheLocation
-    signer: Signer
-    refused: list[tuple[Path, str]] = field(default_factory=list)
-
-    def store_config(self) -> StoreConfig:
-        return StoreConfig(self.location.path, self.signer, self.note_refused)
-
-    def note_refused(self, path: Path, reason: str) -> None:
-        """One warning per refused file and run, however often Prefect looks at it."""
-        if any(seen == path for seen, _ in self.refused):
-            return
-        self.refused.append((path, reason))
-        logger.warning("cache entry %s/%s refused (%s); recomputing it", path.parent.name, path.name, reason)
+def activate(settings: Settings | None = None) -> Resolved:
+    """Resolve the default store for this process (again, when `settings` are given)."""
+    return DEFAULT_STORE.resolve(settings)
 
 
-_active: ActiveCache | None = None
-_activation = threading.Lock()
+def active() -> Resolved:
+    """What the default store resolved in this process (resolving it on first use)."""
+    return DEFAULT_STORE.resolved
 
 
-def activate(settings: Settings | None = None) -> ActiveCache:
-    """Resolve settings and the volume for this process (once); warn once if falling back."""
-    global _active
-    with _activation:
-        if _active is None or settings is not None:
-            settings = settings or load_settings()
-            location = cache_location(settings)
-            if location.warning:
-                logger.warning(location.warning)
-            _active = ActiveCache(settings, location, Signer(settings.signing_key.encode()))
-        return _active
-
-
-def active() -> ActiveCache:
-    return _active or activate()
-
-
-def activated() -> ActiveCache | None:
-    """The cache this process resolved, if it did yet (never resolves it)."""
-    return _active
-
-
-def _store_config() -> StoreConfig:
-    return active().store_config()
-
-
-def _locks_folder() -> Path:
-    return active().location.path / LOCKS
-
-
-def _lock_timeout() -> float:
-    return active().settings.lock_timeout
-
-
-LOCK_MANAGER = FlockLockManager(_locks_folder, _lock_timeout)
+def activated() -> Resolved | None:
+    """What the default store resolved in this process, if it did yet (never resolves it)."""
+    return DEFAULT_STORE.resolved_if_any()
 
 
 def stable_hash(*values: Any) -> str:
@@ -131,32 +86,61 @@ def hash_inputs(context: TaskRunContext | None, parameters: dict[str, Any]) -> s
         raise
 
 
-def task_identity(fn: Callable[..., Any], version: str | None = None) -> str:
-    identity = f"{fn.__module__}.{fn.__qualname__}"
+def task_identity(fn: Callable[..., Any], version: str | None = None, namespace: str | None = None) -> str:
+    """The name a task's keys are salted with: the same however and wherever its code is loaded.
+
+    The module's dotted name as its file's place among packages gives it (the file's name
+    without `.py`, behind the names of the folders above it that hold an `__init__.py`),
+    then the function's qualified name, e.g. `pkg.flows.prepare`: a script run (module
+    `__main__`), an import, a deployment's entrypoint (Prefect may name the module after
+    its absolute path) and a Dask worker unpickling the function all agree, on any checkout
+    path. Code not loaded from a file keeps its module's name. `namespace` replaces it all.
+    """
+    identity = namespace or f"{defining_module(fn)}.{fn.__qualname__}"
     return f"{identity}@{version}" if version else identity
+
+
+def defining_module(fn: Callable[..., Any]) -> str:
+    path = Path(inspect.unwrap(fn).__code__.co_filename)
+    if path.suffix != ".py":  # <stdin>, <string>: no file to name
+        return fn.__module__
+    parts = [] if path.stem == "__init__" else [path.stem]
+    folder = path.parent
+    while (folder / "__init__.py").is_file():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return ".".join(parts) or fn.__module__
 
 
 # Prefect logs a key function's exception and runs the task uncached, so a key that cannot be
 # computed would go unnoticed; the key function parks its exception here, by task run, and
-# the task's own function raises it (see `_raise_key_failure`).
+# the task's own function raises it (see `_start_in_cache`).
 _key_failures: dict[UUID, Exception] = {}
 
 
-def namespaced_key(
-    fn: Callable[..., Any], key_fn: KeyFn, exclude: frozenset[str] = frozenset(), version: str | None = None
-) -> KeyFn:
-    """Prefix keys with the task's name and hash them with its identity.
+@dataclass(frozen=True)
+class NamespacedKey:
+    """A task's key function: the user's key, prefixed with the task's name and hashed with its identity.
 
-    Two tasks called with the same inputs then never share an entry, and any key the
-    user returns becomes a safe file name.
+    Two tasks called with the same inputs then never share an entry, and any key the user
+    returns becomes a safe file name. A dataclass, not a closure, so that it pickles.
+
+    It also resolves the store for the run (a strict store without its volume fails the
+    task here), and marks a flow run whose entries go to the local fallback.
     """
-    identity = task_identity(fn, version)
-    prefix = re.sub(r"[^a-z0-9]+", "-", fn.__name__.lower()).strip("-")[:KEY_PREFIX_CHARS] or "task"
 
-    def key(context: TaskRunContext | None, parameters: dict[str, Any]) -> str | None:
-        kept = {name: value for name, value in parameters.items() if name not in exclude}
+    key_fn: KeyFn
+    identity: str
+    prefix: str
+    store: Store
+    exclude: frozenset[str] = frozenset()
+
+    def __call__(self, context: TaskRunContext | None, parameters: dict[str, Any]) -> str | None:
+        kept = {name: value for name, value in parameters.items() if name not in self.exclude}
         try:
-            user_key = key_fn(context, kept)
+            if context is not None:
+                show_fallback(self.store.resolved.location)
+            user_key = self.key_fn(context, kept)
         except Exception as exc:
             if context is None:
                 raise
@@ -164,26 +148,42 @@ def namespaced_key(
             return None
         if user_key is None:
             return None
-        digest = hashlib.sha256(f"{identity}\n{user_key}".encode()).hexdigest()
-        return f"{prefix}-{digest[:KEY_DIGEST_CHARS]}"
-
-    return key
+        digest = hashlib.sha256(f"{self.identity}\n{user_key}".encode()).hexdigest()
+        return f"{self.prefix}-{digest[:KEY_DIGEST_CHARS]}"
 
 
-def _raise_key_failure() -> None:
+def namespaced_key(
+    fn: Callable[..., Any],
+    key_fn: KeyFn,
+    exclude: frozenset[str] = frozenset(),
+    version: str | None = None,
+    namespace: str | None = None,
+    store: Store = DEFAULT_STORE,
+) -> NamespacedKey:
+    """The key function of `fn`'s task: see `NamespacedKey` and `task_identity`."""
+    prefix = re.sub(r"[^a-z0-9]+", "-", fn.__name__.lower()).strip("-")[:KEY_PREFIX_CHARS] or "task"
+    return NamespacedKey(key_fn, task_identity(fn, version, namespace), prefix, store, exclude)
+
+
+def _start_in_cache() -> None:
+    """What a cached task does before its function: raise the exception its key function
+    parked (the task run then fails with it), and commit its entry when it ends."""
     context = TaskRunContext.get()
     failure = _key_failures.pop(context.task_run.id, None) if context else None
     if failure is not None:
         raise failure
+    transaction = get_transaction()
+    if transaction is not None and transaction.key is not None:
+        commit_with_task(transaction.key)
 
 
-def raising_key_failures(fn: Callable[P, R]) -> Callable[P, R]:
-    """`fn`, first raising the exception its key function parked: the task run then fails with it."""
+def running_in_cache(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn`, started by `_start_in_cache`."""
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
         async def run_async(*args: Any, **kwargs: Any) -> Any:
-            _raise_key_failure()
+            _start_in_cache()
             return await fn(*args, **kwargs)
 
         wrapper: Any = run_async
@@ -191,7 +191,7 @@ def raising_key_failures(fn: Callable[P, R]) -> Callable[P, R]:
 
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
-            _raise_key_failure()
+            _start_in_cache()
             return fn(*args, **kwargs)
 
         wrapper = run
@@ -200,15 +200,15 @@ def raising_key_failures(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def cache_policy(key_fn: KeyFn) -> CacheKeyFnPolicy:
-    """Prefect's own key-function policy, serialized by our lock, keys stored on the volume.
+def cache_policy(key_fn: KeyFn, store: Store = DEFAULT_STORE) -> CacheKeyFnPolicy:
+    """Prefect's own key-function policy, serialized by the store's lock, keys stored in the store.
 
     `cache_key_fn=` and `cache_policy=` cannot be given to Prefect together (the policy is
     silently dropped), so the key function lives inside the policy.
     """
     return CacheKeyFnPolicy(cache_key_fn=key_fn).configure(
-        key_storage=EntryStorage.create(RECORDS, _store_config),
-        lock_manager=LOCK_MANAGER,
+        key_storage=store.records,
+        lock_manager=store.lock_manager,
         isolation_level="SERIALIZABLE",
     )
 
@@ -256,6 +256,8 @@ def cached_task(
     exclude: Iterable[str] = (),
     expire: str | timedelta | None = None,
     refresh: bool | None = None,
+    namespace: str | None = None,
+    store: Store | None = None,
     **task_options: Any,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
@@ -268,17 +270,25 @@ def cached_task(
     exclude: Iterable[str] = (),
     expire: str | timedelta | None = None,
     refresh: bool | None = None,
+    namespace: str | None = None,
+    store: Store | None = None,
     **task_options: Any,
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Like `prefect.task`, with the shared juicecache cache.
 
-    The key is the hash of every argument but those in `exclude` (or `cache_key_fn`'s
-    value), namespaced by the task's module, name and `version`; results live on the
-    mounted JuiceFS volume (or the local fallback, with one warning); a cross-host lock
-    makes concurrent calls with a new key compute once; `expire` ("30s", "1h" or a
-    timedelta) bounds an entry's life; `refresh` recomputes and overwrites. Any other
-    Prefect task option is passed through (`cache_expiration` and `refresh_cache`, Prefect's
-    names, are accepted for `expire` and `refresh`).
+    Results live on the mounted JuiceFS volume (or the local fallback, with one warning),
+    and a cross-host lock makes concurrent calls with a new key compute once.
+
+    Args:
+        cache_key_fn: `f(context, arguments) -> str | None` builds the key (None: do not
+            cache this call); default: the hash of every argument.
+        exclude: argument names left out of the key.
+        expire: an entry's lifetime, "30s", "1h" or a timedelta (Prefect's `cache_expiration`).
+        refresh: recompute and overwrite (Prefect's `refresh_cache`).
+        namespace: the task's identity in its keys, instead of its file and qualified name
+            (see `task_identity`); `version` is added to either.
+        store: where entries go; default: the store of the volume this process mounts.
+        task_options: any other `prefect.task` option, passed through.
     """
     excluded = frozenset([exclude] if isinstance(exclude, str) else exclude)
     expiration = as_timedelta(_one_of(expire, task_options.pop("cache_expiration", None), "expire or cache_expiration"))
@@ -286,12 +296,13 @@ def cached_task(
 
     def decorate(function: Callable[P, R]) -> Task[P, R]:
         _check_options(function, excluded, task_options)
-        key = namespaced_key(function, cache_key_fn or hash_inputs, excluded, task_options.get("version"))
+        target = store or DEFAULT_STORE
+        key = namespaced_key(function, cache_key_fn or hash_inputs, excluded, task_options.get("version"), namespace, target)
         options = {"result_serializer": RawPickleSerializer(), **task_options}
         return task(
-            raising_key_failures(function),
-            cache_policy=cache_policy(key),
-            result_storage=EntryStorage.create(DATA, _store_config),
+            running_in_cache(function),
+            cache_policy=cache_policy(key, target),
+            result_storage=target.data,
             persist_result=True,
             cache_expiration=expiration,
             refresh_cache=overwrite or None,

@@ -26,6 +26,7 @@ ever shown to people, never trusted.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -43,7 +44,7 @@ from pathlib import Path
 
 from anyio import to_thread
 
-from juicecache.entryfile import make_folders
+from juicecache.entryfile import TEMP_PREFIX, make_folders
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # Waiters poll (see `_flock_within`). After a computation, every waiter takes the lock in
@@ -56,6 +57,9 @@ RELEASE_PATIENCE = 60.0
 # A holder names itself once it has held the lock this long (see the module docstring):
 # recording it costs two metadata writes, a third of a hit's time with a distant engine.
 NAME_HOLDER_AFTER = 0.5
+# How many released (key, holder) pairs are remembered, so a release repeated by the same
+# holder is a no-op (see `release_lock`).
+_REMEMBERED_RELEASES = 1024
 logger = logging.getLogger("juicecache")
 
 
@@ -71,13 +75,25 @@ class _Held:
 
 
 class FlockLockManager:
-    """Implements Prefect's `LockManager` protocol with one `flock`ed file per cache key."""
+    """Implements Prefect's `LockManager` protocol with one `flock`ed file per cache key.
+
+    Args:
+        folder: where the lock files are, asked on each use (the store resolves it lazily).
+        acquire_timeout: how long `acquire_lock` waits when not told, asked on each use.
+
+    It pickles as its two callables: the copy a Dask worker or a subprocess unpickles
+    starts with no lock held, and resolves its folder there.
+    """
 
     def __init__(self, folder: Callable[[], Path], acquire_timeout: Callable[[], float]) -> None:
         self._folder = folder
         self._acquire_timeout = acquire_timeout
         self._held: dict[str, _Held] = {}
+        self._released: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._guard = threading.Lock()
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self._folder, self._acquire_timeout))
 
     def lock_path(self, key: str) -> Path:
         return self._folder() / lock_file_name(key)
@@ -129,11 +145,19 @@ class FlockLockManager:
         return await to_thread.run_sync(self.acquire_lock, key, holder, acquire_timeout, hold_timeout)
 
     def release_lock(self, key: str, holder: str) -> None:
+        """Release `holder`'s lock. Releasing it again is a no-op: a cached task's transaction
+        commits when the task ends (see `transactions`), and its parent, committing later,
+        releases the child's lock once more. Any other holder is refused, as Prefect's do."""
         with self._guard:
             held = self._held.get(key)
+            if (held is None or held.holder != holder) and (key, holder) in self._released:
+                return
             if held is None or held.holder != holder:
                 raise ValueError(f"cannot release the lock on {key}: {holder} does not hold it")
             del self._held[key]
+            self._released[(key, holder)] = None
+            while len(self._released) > _REMEMBERED_RELEASES:
+                self._released.popitem(last=False)
         held.naming.cancel()
         _release(held.fd, self.lock_path(key))  # the file stays for the next holder
 
@@ -247,7 +271,7 @@ def _record_holder(lock: Path, text: str) -> None:
     Runs on a timer thread, so it may land just after the lock was released: the record
     is then out of date, which is harmless for something only ever shown to people.
     """
-    temp = lock.with_name(f".tmp-{lock.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    temp = lock.with_name(f"{TEMP_PREFIX}{lock.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         os.symlink(text, temp)
         os.replace(temp, holder_path(lock))

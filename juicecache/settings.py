@@ -39,6 +39,7 @@ DEFAULTS: dict[str, str] = {
     "JUICECACHE_FALLBACK_DIR": f"{STATE_DIR}/local-cache",
     "JUICECACHE_SIGNING_KEY": "",
     "JUICECACHE_LOCK_TIMEOUT": "300",
+    "JUICECACHE_REQUIRE_VOLUME": "0",
     "PREFECT_HOME": f"{STATE_DIR}/prefect",
     "PREFECT_API_URL": "",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -76,6 +77,7 @@ class Settings:
     results_dir: str
     fallback_dir: Path
     lock_timeout: float
+    require_volume: bool  # fail instead of caching in the local fallback folder
     prefect_home: Path
     prefect_api_url: str
     ui_host: str
@@ -205,6 +207,7 @@ def load_settings(root: Path | None = None) -> Settings:
         results_dir=_results_dir(get("JUICECACHE_RESULTS_DIR")),
         fallback_dir=path("JUICECACHE_FALLBACK_DIR"),
         lock_timeout=_positive_float("JUICECACHE_LOCK_TIMEOUT", get("JUICECACHE_LOCK_TIMEOUT")),
+        require_volume=_flag("JUICECACHE_REQUIRE_VOLUME", get("JUICECACHE_REQUIRE_VOLUME")),
         prefect_home=path("PREFECT_HOME"),
         prefect_api_url=os.environ.get("PREFECT_API_URL", "").strip(),
         ui_host=get("PREFECT_UI_HOST"),
@@ -264,6 +267,13 @@ def _results_dir(name: str) -> str:
     if Path(name).is_absolute() or ".." in parts or not parts:
         raise SettingsError(f"JUICECACHE_RESULTS_DIR: {name!r} must be a relative folder on the volume")
     return name
+
+
+def _flag(name: str, text: str) -> bool:
+    value = text.lower()
+    if value not in ("0", "1", "true", "false", "yes", "no"):
+        raise SettingsError(f"{name}: {text!r} is not 0 or 1")
+    return value in ("1", "true", "yes")
 
 
 def _positive_float(name: str, text: str) -> float:

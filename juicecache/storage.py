@@ -64,6 +64,8 @@ class StoreConfig:
     root: Path
     signer: Signer
     on_refused: Callable[[Path, str], None] | None = None
+    # Told the name of every record read: a hit's transaction commits when its task ends (see `transactions`).
+    on_record_read: Callable[[str], None] | None = None
 
 
 class EntryStorage(WritableFileSystem):
@@ -106,6 +108,8 @@ class EntryStorage(WritableFileSystem):
                 if checked is not None:
                     return checked
                 return _read_entry(target, DATA, config)[0]
+            if config.on_record_read is not None:
+                config.on_record_read(target.name)
             checked = _checked_records.current(target)
             if checked is not None:
                 self._check_payload(checked, config)

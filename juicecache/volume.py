@@ -123,6 +123,11 @@ def cache_location(settings: Settings) -> CacheLocation:
     if info.state is MountState.DEAD:
         raise VolumeError(dead_mount_message(info.mount_point))
     reason = "is not mounted" if info.state is MountState.ABSENT else f"holds a {info.fstype} mount, not JuiceFS"
+    if settings.require_volume:
+        raise VolumeError(
+            f"JuiceFS volume {settings.volume_name!r} {reason} at {info.mount_point}, and "
+            "JUICECACHE_REQUIRE_VOLUME=1 forbids the local fallback: mount it with ./start_juice.sh (or `juicecache mount`)"
+        )
     warning = (
         f"JuiceFS volume {settings.volume_name!r} {reason} at {info.mount_point}; "
         f"caching in the local folder {settings.fallback_dir} (not shared). "

@@ -1,0 +1,107 @@
+"""One cache store: where entries live, how they are checked, and who holds which key.
+
+Assembled from parts, as Prefect's `ResultStore` is: a location (resolved from the
+settings on first use, in the process that uses it), a signer, a lock manager, and the
+two Prefect storage blocks, `records` (the policy's key storage) and `data` (the result
+storage). `cached_task` binds to `DEFAULT_STORE`; a second store (a test, another volume)
+is `Store(settings)`.
+
+A store pickles as a reference, never as its state: `DEFAULT_STORE` becomes the default
+store of the process that unpickles it, which resolves *its own host's* settings and
+mount (a Dask worker, a `serve` subprocess, a task worker on another machine), and lock
+state never leaves the process that holds the locks. A store built from explicit
+settings carries those settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from juicecache.entryfile import DATA, LOCKS, RECORDS, Signer
+from juicecache.locking import FlockLockManager
+from juicecache.settings import Settings, load_settings
+from juicecache.storage import EntryStorage, StoreConfig
+from juicecache.transactions import commit_with_task
+from juicecache.volume import CacheLocation, cache_location
+
+logger = logging.getLogger("juicecache")
+
+
+@dataclass
+class Resolved:
+    """What a store resolved in this process: its settings, where entries go, how they are checked."""
+
+    settings: Settings
+    location: CacheLocation
+    signer: Signer
+    refused: list[tuple[Path, str]] = field(default_factory=list)
+
+    def note_refused(self, path: Path, reason: str) -> None:
+        """One warning per refused file and process, however often Prefect looks at it."""
+        if any(seen == path for seen, _ in self.refused):
+            return
+        self.refused.append((path, reason))
+        logger.warning("cache entry %s/%s refused (%s); recomputing it", path.parent.name, path.name, reason)
+
+
+class Store:
+    """The shared cache as Prefect sees it: `records`, `data` and `lock_manager`.
+
+    Args:
+        settings: what to resolve the location from; None (the default store) reads `.env`
+            and the environment of the process that first uses the store.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._settings = settings
+        self._resolved: Resolved | None = None
+        self._guard = threading.Lock()
+        self.lock_manager = FlockLockManager(self.locks_folder, self.lock_timeout)
+        self.records = EntryStorage.create(RECORDS, self.config)
+        self.data = EntryStorage.create(DATA, self.config)
+
+    def resolve(self, settings: Settings | None = None) -> Resolved:
+        """Resolve (again, when `settings` are given) where this store's entries go; warn once if falling back."""
+        with self._guard:
+            if self._resolved is None or settings is not None:
+                settings = settings or self._settings or load_settings()
+                location = cache_location(settings)
+                if location.warning:
+                    logger.warning(location.warning)
+                self._resolved = Resolved(settings, location, Signer(settings.signing_key.encode()))
+            return self._resolved
+
+    @property
+    def resolved(self) -> Resolved:
+        return self._resolved or self.resolve()
+
+    def resolved_if_any(self) -> Resolved | None:
+        """What this process resolved, if it did yet (never resolves)."""
+        return self._resolved
+
+    def config(self) -> StoreConfig:
+        resolved = self.resolved
+        return StoreConfig(resolved.location.path, resolved.signer, resolved.note_refused, commit_with_task)
+
+    def locks_folder(self) -> Path:
+        return self.resolved.location.path / LOCKS
+
+    def lock_timeout(self) -> float:
+        return self.resolved.settings.lock_timeout
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self is DEFAULT_STORE:
+            return (default_store, ())
+        return (Store, (self._settings,))
+
+
+def default_store() -> Store:
+    """The store `cached_task` uses unless given another (one per process)."""
+    return DEFAULT_STORE
+
+
+DEFAULT_STORE = Store()

@@ -1,0 +1,30 @@
+"""A cached task's entry is committed when the task ends, not when its parent does.
+
+Prefect runs each task in a transaction. A transaction opened inside another one (a task
+called from a task, or inside `with transaction():`) hands its commit to its parent by
+default (Prefect's `CommitMode.LAZY`): the entry is written, and the key's lock released,
+only when the outermost transaction commits. For a shared cache that is wrong twice over:
+the same cached task called again with the same inputs inside that parent waits on its own
+lock until `JUICECACHE_LOCK_TIMEOUT` and fails, and every other host waits for the whole
+parent instead of for the computation.
+
+An entry is the value of a pure computation, so nothing is lost by committing it at once:
+juicecache switches the task's own transaction to `CommitMode.EAGER` while it runs (on a
+miss from the task's function, on a hit from the read of its record). A parent that later
+rolls back leaves the entry in place, as it leaves any other cache entry.
+"""
+
+from __future__ import annotations
+
+from prefect.transactions import CommitMode, get_transaction
+
+
+def commit_with_task(key: str) -> None:
+    """Make the running transaction of cache key `key` commit as soon as its task ends.
+
+    Does nothing outside such a transaction: Prefect also reads records while the parent
+    transaction is the active one (its existence check), and the parent keeps its mode.
+    """
+    transaction = get_transaction()
+    if transaction is not None and transaction.key == key:
+        transaction.commit_mode = CommitMode.EAGER
