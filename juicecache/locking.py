@@ -44,7 +44,7 @@ from pathlib import Path
 
 from anyio import to_thread
 
-from juicecache.entryfile import TEMP_PREFIX, make_folders
+from juicecache.entryfile import TEMP_PREFIX, makedirs_0755
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # Waiters poll (see `_flock_within`). After a computation, every waiter takes the lock in
@@ -105,7 +105,13 @@ class FlockLockManager:
         acquire_timeout: float | None = None,
         hold_timeout: float | None = None,
     ) -> bool:
-        """Block until the lock is ours. `hold_timeout` is not needed: a dead holder's lock is gone."""
+        """Wait until the lock is ours. `hold_timeout` is not needed: a dead holder's lock is gone.
+
+        Given an `acquire_timeout`, returns False when it runs out, as Prefect's protocol
+        says. Without one (how Prefect's transactions call it, ignoring the result) it waits
+        `JUICECACHE_LOCK_TIMEOUT`, then raises `LockTimeout`, whose one line names the key,
+        the holder and the setting.
+        """
         with self._guard:
             held = self._held.get(key)
             if held is not None and held.holder == holder:
@@ -116,17 +122,21 @@ class FlockLockManager:
         while True:
             fd = _open_lock_file(path)
             try:
-                if not _flock_within(fd, fcntl.LOCK_EX, max(0.0, deadline - time.monotonic())):
-                    raise LockTimeout(
-                        f"gave up after {timeout:g} s waiting for the lock on cache key {key} "
-                        f"(held by {_describe_holder(path)}); raise JUICECACHE_LOCK_TIMEOUT to wait longer"
-                    )
-                if _still_named(fd, path):
+                acquired = _flock_within(fd, max(0.0, deadline - time.monotonic()))
+                if acquired and _still_named(fd, path):
                     break
             except BaseException:
                 _release(fd, path)  # also when flock failed: it may have been granted all the same
                 raise
-            _release(fd, path)  # `cache gc` removed the file while we waited on it: lock the one there now
+            # Given up, or `cache gc` removed the file while we waited on it (then lock the one there now).
+            _release(fd, path)
+            if not acquired and acquire_timeout is not None:
+                return False
+            if not acquired:
+                raise LockTimeout(
+                    f"gave up after {timeout:g} s waiting for the lock on cache key {key} "
+                    f"(held by {_describe_holder(path)}); raise JUICECACHE_LOCK_TIMEOUT to wait longer"
+                )
         text = f"{holder} host={socket.gethostname()} pid={os.getpid()} since={time.time():.0f}"
         naming = threading.Timer(NAME_HOLDER_AFTER, _record_holder, (path, text))
         naming.daemon = True
@@ -153,7 +163,7 @@ class FlockLockManager:
             if (held is None or held.holder != holder) and (key, holder) in self._released:
                 return
             if held is None or held.holder != holder:
-                raise ValueError(f"cannot release the lock on {key}: {holder} does not hold it")
+                raise ValueError(f"No lock held by {holder} for transaction with key {key}")
             del self._held[key]
             self._released[(key, holder)] = None
             while len(self._released) > _REMEMBERED_RELEASES:
@@ -162,20 +172,13 @@ class FlockLockManager:
         _release(held.fd, self.lock_path(key))  # the file stays for the next holder
 
     def is_locked(self, key: str) -> bool:
+        """Probed with an exclusive lock that is let go at once, never a shared one: JuiceFS
+        1.4 keeps a dead client's *shared* flock locks (fixed upstream after 1.4.2), so a
+        client dying while it probed could otherwise lock the key for good."""
         with self._guard:
             if key in self._held:
                 return True
-        try:
-            fd = os.open(self.lock_path(key), os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            _release(fd, self.lock_path(key))
+        return not self.wait_for_lock(key, timeout=0)
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         with self._guard:
@@ -183,15 +186,17 @@ class FlockLockManager:
             return held is not None and held.holder == holder
 
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        """True once nobody holds the lock, False if that did not happen within the timeout."""
+        """True once nobody holds the lock, False if that did not happen within the timeout
+        (default: JUICECACHE_LOCK_TIMEOUT). Probes exclusively, as `is_locked` does."""
+        path = self.lock_path(key)
         try:
-            fd = os.open(self.lock_path(key), os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return True
         try:
-            return _flock_within(fd, fcntl.LOCK_SH, self._acquire_timeout() if timeout is None else timeout)
+            return _flock_within(fd, self._acquire_timeout() if timeout is None else timeout)
         finally:
-            _release(fd, self.lock_path(key))
+            _release(fd, path)
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
         return await to_thread.run_sync(self.wait_for_lock, key, timeout)
@@ -209,7 +214,7 @@ def _open_lock_file(path: Path) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     except FileNotFoundError:
-        make_folders(path.parent)
+        makedirs_0755(path.parent)
         return os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
 
 
@@ -246,13 +251,13 @@ def _release(fd: int, path: Path) -> None:
     os.close(fd)
 
 
-def _flock_within(fd: int, operation: int, timeout: float) -> bool:
-    """Poll a non-blocking flock: a blocking one could not be given up on, or interrupted."""
+def _flock_within(fd: int, timeout: float) -> bool:
+    """Poll a non-blocking exclusive flock: a blocking one could not be given up on, or interrupted."""
     deadline = time.monotonic() + timeout
     delay = _FIRST_POLL
     while True:
         try:
-            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
             if time.monotonic() >= deadline:
