@@ -85,7 +85,7 @@ def write_entries(root: Path, count: int, first: int = 0) -> float:
 
     # No Prefect task runs here, so the header's task name comes from the benchmark.
     writing = threading.local()
-    storage._current_task_name = lambda: writing.task
+    storage._current_task = lambda: {"task": writing.task, "code": None, "seconds": None}
     config = storage.StoreConfig(root, Signer(b""))
     records = storage.EntryStorage.create(RECORDS, lambda: config)
     payloads = storage.EntryStorage.create(DATA, lambda: config)

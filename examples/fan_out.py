@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-# juicecache before prefect: the Prefect settings in `.env` then apply too (see README).
+# juicecache before prefect: the Prefect settings in `.env` then apply too (see docs/library.md).
 from juicecache import cached_task
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner

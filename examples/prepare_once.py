@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-# juicecache before prefect: the Prefect settings in `.env` then apply too (see README).
+# juicecache before prefect: the Prefect settings in `.env` then apply too (see docs/library.md).
 from juicecache import cached_task
 from prefect import flow
 

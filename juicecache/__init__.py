@@ -16,13 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from juicecache.api import VolumeStatus, get_settings, volume_status
-    from juicecache.cache import UnhashableInput, cached_task, stable_hash
+    from juicecache.cache import UnhashableInput, cached_task, shared, shared_storage, stable_hash
     from juicecache.settings import Settings
+    from juicecache.store import Store
 
-__all__ = ["Settings", "UnhashableInput", "VolumeStatus", "cached_task", "get_settings", "stable_hash", "volume_status"]
+__all__ = [
+    "Settings", "Store", "UnhashableInput", "VolumeStatus", "cached_task", "get_settings", "shared", "shared_storage",
+    "stable_hash", "volume_status",
+]
 
 _FROM_API = {"VolumeStatus", "get_settings", "volume_status"}
-_FROM_CACHE = {"UnhashableInput", "cached_task", "stable_hash"}
+_FROM_CACHE = {"UnhashableInput", "cached_task", "shared", "shared_storage", "stable_hash"}
 
 
 def __getattr__(name: str) -> Any:
@@ -34,6 +38,11 @@ def __getattr__(name: str) -> Any:
         return getattr(load_cache_module(), name)
     if name == "Settings":
         return importlib.import_module("juicecache.settings").Settings
+    if name == "Store":
+        from juicecache.api import load_cache_module
+
+        load_cache_module()  # Prefect's settings first, as for cached_task
+        return importlib.import_module("juicecache.store").Store
     raise AttributeError(f"module 'juicecache' has no attribute {name!r}")
 
 

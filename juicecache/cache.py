@@ -16,24 +16,26 @@ import inspect
 import logging
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, overload
 from uuid import UUID
 
 from prefect import Task, task
-from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.context import TaskRunContext
+from prefect.cache_policies import INPUTS, CacheKeyFnPolicy, CachePolicy
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.transactions import get_transaction
 from prefect.utilities.hashing import hash_objects
 
+from juicecache.code_version import CodeFingerprint, CodeMode
 from juicecache.entryfile import KEY_DIGEST_CHARS, KEY_PREFIX_CHARS
 from juicecache.fallback import show_fallback
 from juicecache.serializer import RawPickleSerializer
 from juicecache.settings import Settings, parse_duration
+from juicecache.storage import EntryStorage
 from juicecache.store import DEFAULT_STORE, Resolved, Store
-from juicecache.transactions import commit_with_task
+from juicecache.transactions import commit_with_task, compute_started
 
 logger = logging.getLogger("juicecache")
 
@@ -134,6 +136,10 @@ class NamespacedKey:
     prefix: str
     store: Store
     exclude: frozenset[str] = frozenset()
+    code: CodeFingerprint | None = None
+    # Park a failure for `_start_in_cache` to raise; a plain task (`shared()`) has no such
+    # wrapper, and is left to Prefect, which logs the failure and runs the task uncached.
+    parks_failures: bool = True
 
     def __call__(self, context: TaskRunContext | None, parameters: dict[str, Any]) -> str | None:
         kept = {name: value for name, value in parameters.items() if name not in self.exclude}
@@ -142,14 +148,52 @@ class NamespacedKey:
                 show_fallback(self.store.resolved.location)
             user_key = self.key_fn(context, kept)
         except Exception as exc:
-            if context is None:
+            if context is None or not self.parks_failures:
                 raise
             _key_failures[context.task_run.id] = exc
             return None
         if user_key is None:
             return None
-        digest = hashlib.sha256(f"{self.identity}\n{user_key}".encode()).hexdigest()
+        salt = f"{self.identity}\ncode {self.code.digest()}" if self.code else self.identity
+        digest = hashlib.sha256(f"{salt}\n{user_key}".encode()).hexdigest()
         return f"{self.prefix}-{digest[:KEY_DIGEST_CHARS]}"
+
+
+@dataclass(frozen=True)
+class PolicyKey:
+    """A Prefect cache policy (`INPUTS + TASK_SOURCE`, `INPUTS - "debug"`...) as a key function:
+    the key Prefect would compute, which `NamespacedKey` then namespaces and stores on the volume."""
+
+    policy: CachePolicy
+
+    def __call__(self, context: TaskRunContext | None, parameters: dict[str, Any]) -> str | None:
+        flow_run = FlowRunContext.get()
+        return self.policy.compute_key(
+            task_ctx=context, inputs=parameters, flow_parameters=flow_run.parameters if flow_run else {}
+        )
+
+
+@dataclass
+class TaskKeys:
+    """`shared()`'s key function: namespaces keys by whichever plain Prefect task runs it,
+    as `cached_task` does for its own. Outside a task run there is no task to name: no key."""
+
+    key_fn: KeyFn
+    store: Store
+    code: CodeMode | None = None
+    _by_function: dict[Any, NamespacedKey] = field(default_factory=dict, compare=False, repr=False)
+
+    def __call__(self, context: TaskRunContext | None, parameters: dict[str, Any]) -> str | None:
+        if context is None:
+            return None
+        fn = inspect.unwrap(context.task.fn)
+        if fn not in self._by_function:
+            namespaced = namespaced_key(fn, self.key_fn, version=context.task.version, store=self.store, code=self.code)
+            self._by_function[fn] = replace(namespaced, parks_failures=False)
+        return self._by_function[fn](context, parameters)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_by_function": {}}
 
 
 def namespaced_key(
@@ -159,15 +203,18 @@ def namespaced_key(
     version: str | None = None,
     namespace: str | None = None,
     store: Store = DEFAULT_STORE,
+    code: CodeMode | None = None,
 ) -> NamespacedKey:
-    """The key function of `fn`'s task: see `NamespacedKey` and `task_identity`."""
+    """The key function of `fn`'s task: see `NamespacedKey`, `task_identity` and `code_version`."""
     prefix = re.sub(r"[^a-z0-9]+", "-", fn.__name__.lower()).strip("-")[:KEY_PREFIX_CHARS] or "task"
-    return NamespacedKey(key_fn, task_identity(fn, version, namespace), prefix, store, exclude)
+    fingerprint = CodeFingerprint(fn, code) if code is not None else None
+    return NamespacedKey(key_fn, task_identity(fn, version, namespace), prefix, store, exclude, fingerprint)
 
 
 def _start_in_cache() -> None:
     """What a cached task does before its function: raise the exception its key function
-    parked (the task run then fails with it), and commit its entry when it ends."""
+    parked (the task run then fails with it), commit its entry when it ends, and note when
+    it started computing (the entry records how long that took)."""
     context = TaskRunContext.get()
     failure = _key_failures.pop(context.task_run.id, None) if context else None
     if failure is not None:
@@ -175,6 +222,7 @@ def _start_in_cache() -> None:
     transaction = get_transaction()
     if transaction is not None and transaction.key is not None:
         commit_with_task(transaction.key)
+        compute_started()
 
 
 def running_in_cache(fn: Callable[P, R]) -> Callable[P, R]:
@@ -200,7 +248,37 @@ def running_in_cache(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def cache_policy(key_fn: KeyFn, store: Store = DEFAULT_STORE) -> CacheKeyFnPolicy:
+def shared(policy: CachePolicy = INPUTS, code: CodeMode | None = None, store: Store | None = None) -> CacheKeyFnPolicy:
+    """A Prefect cache policy for a plain `@task`, run on the shared volume as `cached_task` runs it.
+
+        @task(cache_policy=juicecache.shared(INPUTS), result_storage=juicecache.shared_storage(),
+              result_serializer="juicecache-pickle", persist_result=True)
+
+    Args:
+        policy: any Prefect cache policy; its key is namespaced by the task's identity.
+        code: also key on the task's code (`"task"` or `"calls"`, see `code_version`).
+        store: where entries go; default: the store of the volume this process mounts.
+    """
+    target = store or DEFAULT_STORE
+    return policy_on_volume(TaskKeys(PolicyKey(_volume_free(policy)), target, code), target)
+
+
+def shared_storage(store: Store | None = None) -> EntryStorage:
+    """The result storage that goes with `shared()`: payloads on the volume, checked like every entry."""
+    return (store or DEFAULT_STORE).data
+
+
+def _volume_free(policy: CachePolicy) -> CachePolicy:
+    """A user's policy, refused if it brings its own storage, lock or isolation: ours replace them."""
+    if not isinstance(policy, CachePolicy):
+        raise TypeError(f"cache_policy: {policy!r} is not a Prefect cache policy (e.g. INPUTS + TASK_SOURCE)")
+    for option in ("key_storage", "lock_manager", "isolation_level"):
+        if getattr(policy, option, None) is not None:
+            raise TypeError(f"cache_policy: juicecache sets {option} itself (on the shared volume); leave it out of .configure()")
+    return policy
+
+
+def policy_on_volume(key_fn: KeyFn, store: Store = DEFAULT_STORE) -> CacheKeyFnPolicy:
     """Prefect's own key-function policy, serialized by the store's lock, keys stored in the store.
 
     `cache_key_fn=` and `cache_policy=` cannot be given to Prefect together (the policy is
@@ -221,7 +299,6 @@ def as_timedelta(expire: str | timedelta | None) -> timedelta | None:
 
 # Prefect task options that would take the task off the shared cache, and what to do instead.
 _SET_BY_JUICECACHE = {
-    "cache_policy": "choose the key with cache_key_fn= or exclude=",
     "result_storage": "results always go to the juicecache volume",
     "result_storage_key": "entries are named by their cache key",
     "persist_result": "cached results are always persisted",
@@ -257,6 +334,8 @@ def cached_task(
     expire: str | timedelta | None = None,
     refresh: bool | None = None,
     namespace: str | None = None,
+    code: CodeMode | None = "task",
+    cache_policy: CachePolicy | None = None,
     store: Store | None = None,
     **task_options: Any,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
@@ -271,6 +350,8 @@ def cached_task(
     expire: str | timedelta | None = None,
     refresh: bool | None = None,
     namespace: str | None = None,
+    code: CodeMode | None = "task",
+    cache_policy: CachePolicy | None = None,
     store: Store | None = None,
     **task_options: Any,
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
@@ -287,21 +368,28 @@ def cached_task(
         refresh: recompute and overwrite (Prefect's `refresh_cache`).
         namespace: the task's identity in its keys, instead of its file and qualified name
             (see `task_identity`); `version` is added to either.
+        code: `"task"` (default) keys on the task function's normalized code, `"calls"` also
+            on the user code it calls, None on no code (see `code_version`).
+        cache_policy: a Prefect cache policy to compute the key instead (`INPUTS + TASK_SOURCE`,
+            `INPUTS - "debug"`...), run on the shared volume; not with `cache_key_fn`.
         store: where entries go; default: the store of the volume this process mounts.
         task_options: any other `prefect.task` option, passed through.
     """
     excluded = frozenset([exclude] if isinstance(exclude, str) else exclude)
     expiration = as_timedelta(_one_of(expire, task_options.pop("cache_expiration", None), "expire or cache_expiration"))
     overwrite = _one_of(refresh, task_options.pop("refresh_cache", None), "refresh or refresh_cache")
+    if cache_policy is not None and cache_key_fn is not None:
+        raise TypeError("cached_task: pass cache_key_fn or cache_policy, not both")
+    key_fn = PolicyKey(_volume_free(cache_policy)) if cache_policy is not None else cache_key_fn or hash_inputs
 
     def decorate(function: Callable[P, R]) -> Task[P, R]:
         _check_options(function, excluded, task_options)
         target = store or DEFAULT_STORE
-        key = namespaced_key(function, cache_key_fn or hash_inputs, excluded, task_options.get("version"), namespace, target)
+        key = namespaced_key(function, key_fn, excluded, task_options.get("version"), namespace, target, code)
         options = {"result_serializer": RawPickleSerializer(), **task_options}
         return task(
             running_in_cache(function),
-            cache_policy=cache_policy(key, target),
+            cache_policy=policy_on_volume(key, target),
             result_storage=target.data,
             persist_result=True,
             cache_expiration=expiration,

@@ -37,13 +37,19 @@ from juicecache.entryfile import (
     TEMP_PREFIX,
     EntryHeader,
     EntryRefused,
-    make_folders,
+    makedirs_0755,
     write_atomically,
 )
 from juicecache.locking import FlockLockManager, holder_path, lock_file_name
 
 # Temporary files untouched this long belong to a writer that died (a live one keeps writing).
 STALE_TEMPORARY_SECONDS = 3600.0
+# Background runs' parameters (`task.delay(...)`, see `storage.parameters_name`) live beside the
+# entries. A task worker reads them when it picks the run up, normally within seconds, but a
+# run waits in the Prefect server's queue for as long as no worker serves its task; removed
+# before, the run fails. Prefect itself never removes them: `gc` does once they are this old.
+PARAMETERS = "parameters"
+STALE_PARAMETERS_SECONDS = 7 * 24 * 3600.0
 # Records are small; anything larger is not one of ours and is not read whole.
 MAX_RECORD_BYTES = 1 << 16
 # Beyond a few threads, an embedded volume's client is the bottleneck, not the waiting.
@@ -68,6 +74,8 @@ class Entry:
     record_bytes: int
     payload_bytes: int | None
     problem: str | None = None
+    code: str | None = None  # the short digest of the code it was computed with
+    seconds: float | None = None  # how long computing it took (what a hit saves)
 
     @property
     def size(self) -> int:
@@ -86,6 +94,8 @@ class Entry:
             "expired": self.is_expired(now),
             "size": self.size,
             "problem": self.problem,
+            "code": self.code,
+            "seconds": self.seconds,
         }
 
 
@@ -94,7 +104,7 @@ class Leftover:
     """A file that belongs to no complete entry: a dead writer's temporary, a lone payload or lock."""
 
     path: Path
-    kind: str  # "temporary", "payload" or "lock"
+    kind: str  # "temporary", "payload", "lock" or "parameters"
     size: int
     modified: float
 
@@ -124,6 +134,8 @@ class RecordInfo:
     payload: str
     payload_bytes: int | None  # None: no payload when the record was read
     problem: str | None
+    code: str | None = None  # last, with defaults: journals and indexes written before them still load
+    seconds: float | None = None
 
 
 class ListingIndex:
@@ -227,9 +239,12 @@ def scan(root: Path, progress: Progress | None = None, full: bool = True, worker
             named = {info.payload for info in infos.values()}
             infos = {name: info if info.payload in payload_inodes else replace(info, payload_bytes=None) for name, info in infos.items()}
             lock_names, lock_temporaries = _list(root / LOCKS)
-            leftovers = _describe(pool, record_temporaries + payload_temporaries + lock_temporaries, "temporary")
+            parameter_names, parameter_temporaries = _list(root / PARAMETERS)
+            temporaries = record_temporaries + payload_temporaries + lock_temporaries + parameter_temporaries
+            leftovers = _describe(pool, temporaries, "temporary")
             leftovers += _describe(pool, [root / DATA / name for name in payload_inodes if name not in named], "payload")
             leftovers += _lone_locks(root / LOCKS, lock_names, record_inodes)
+            leftovers += _describe(pool, [root / PARAMETERS / name for name in parameter_names], PARAMETERS)
     entries = [_entry(name, info) for name, info in infos.items()]
     entries.sort(key=lambda entry: (entry.created or 0.0, entry.key), reverse=True)
     return Scan(root, entries, leftovers)
@@ -291,13 +306,13 @@ def _read_record(root: Path, key: str, inode: int) -> tuple[str, RecordInfo | No
 
 def _describe_record(root: Path, key: str, inode: int, raw: bytes) -> RecordInfo:
     """What a scan keeps of a record file (`raw`, its whole content) and of its payload's size."""
-    task = host = problem = None
-    created = expires = None
+    task = host = problem = code = None
+    created = expires = seconds = None
     payload = key
     try:
         line, newline, body = raw.partition(b"\n")
         header = EntryHeader.from_line(line + newline)
-        task, host, created = header.task, header.host, header.created
+        task, host, created, code, seconds = header.task, header.host, header.created, header.code, header.seconds
         if len(body) != header.size:
             raise EntryRefused(f"truncated record: {len(body)} of {header.size} bytes")
         metadata = json.loads(body)
@@ -309,7 +324,7 @@ def _describe_record(root: Path, key: str, inode: int, raw: bytes) -> RecordInfo
         payload_bytes: int | None = os.stat(root / DATA / payload).st_size
     except (FileNotFoundError, ValueError):
         payload_bytes = None
-    return RecordInfo(inode, len(raw), task, host, created, expires, payload, payload_bytes, problem)
+    return RecordInfo(inode, len(raw), task, host, created, expires, payload, payload_bytes, problem, code, seconds)
 
 
 def note_record(root: Path, key: str, inode: int, raw: bytes) -> None:
@@ -326,7 +341,7 @@ def note_record(root: Path, key: str, inode: int, raw: bytes) -> None:
         try:
             fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except FileNotFoundError:
-            make_folders(journal.parent)
+            makedirs_0755(journal.parent)
             fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())  # one write: appends from one host's processes never interleave
@@ -343,7 +358,10 @@ def _entry(key: str, info: RecordInfo) -> Entry:
     problem = info.problem or (None if info.payload_bytes is not None else "payload missing")
     if problem is None and not CACHE_KEY.fullmatch(key):
         problem = NOT_A_CACHE_KEY
-    return Entry(key, info.inode, info.task, info.host, info.created, info.expires, info.size, info.payload_bytes, problem)
+    return Entry(
+        key, info.inode, info.task, info.host, info.created, info.expires, info.size, info.payload_bytes, problem,
+        info.code, info.seconds,
+    )
 
 
 def _describe(pool: ThreadPoolExecutor, paths: list[Path], kind: str) -> list[Leftover]:
@@ -487,7 +505,7 @@ class Remover:
 
     def remove_leftover(self, leftover: Leftover) -> bool:
         """Lone payloads and lock files only when their lock is free."""
-        if leftover.kind == "temporary":
+        if leftover.kind in ("temporary", PARAMETERS):
             return _unlink(leftover.path)
         if leftover.kind == "lock":
             return self.remove_lock(leftover.path)
@@ -511,10 +529,12 @@ class Remover:
 
 
 def removable_leftovers(found: Scan) -> list[Leftover]:
-    """Every leftover but a temporary file still being written (touched within the hour)."""
+    """Every leftover but a temporary file still being written (touched within the hour) and
+    parameters a task worker may still read (written within the week)."""
+    keep_for = {"temporary": STALE_TEMPORARY_SECONDS, PARAMETERS: STALE_PARAMETERS_SECONDS}
     return [
         leftover for leftover in found.leftovers
-        if leftover.kind != "temporary" or found.scanned_at - leftover.modified >= STALE_TEMPORARY_SECONDS
+        if leftover.kind not in keep_for or found.scanned_at - leftover.modified >= keep_for[leftover.kind]
     ]
 
 

@@ -13,10 +13,14 @@ import os
 import re
 import secrets
 import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 MAGIC = b"JCE1 "
+# The id Prefect records as `storage_block_id` in every state it stores through juicecache
+# (see `storage.EntryStorage.create`): how `cache report` tells juicecache's task runs apart.
+BLOCK_ID = uuid.uuid5(uuid.NAMESPACE_URL, "juicecache:entry-storage")
 RECORDS = "records"
 DATA = "data"
 LOCKS = "locks"
@@ -45,6 +49,8 @@ class EntryHeader:
     host: str
     created: float
     task: str | None
+    code: str | None = None  # the short digest of the task's code (`code_version`), if keyed on it
+    seconds: float | None = None  # how long the task run took to compute it: what each hit saves
 
     def to_line(self) -> bytes:
         return MAGIC + json.dumps(self.__dict__, sort_keys=True, separators=(",", ":")).encode() + b"\n"
@@ -102,9 +108,9 @@ class Signer:
             raise EntryRefused("signature mismatch" if self.key else "checksum mismatch")
 
 
-def make_folders(path: Path) -> None:
+def makedirs_0755(path: Path) -> None:
     """`mkdir -p` giving every level 0755 (`Path.mkdir` gives parents 0777 less the umask):
-    under any umask, no folder of the cache is world-writable (see "Reliability" in README.md)."""
+    under any umask, no folder of the cache is world-writable (see docs/security.md)."""
     missing = []
     while not path.is_dir():
         missing.append(path)
@@ -118,7 +124,7 @@ def make_folders(path: Path) -> None:
 
 def write_atomically(path: Path, chunks: list[bytes]) -> int:
     """Write to a temporary file beside `path`, fsync, then rename over it. Returns its inode."""
-    make_folders(path.parent)
+    makedirs_0755(path.parent)
     temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         # 0644 whatever the umask: an entry others could rewrite would be a way in for them.

@@ -14,7 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext, TaskRunContext
 
 from juicecache.cache import active, as_timedelta, cached_task, stable_hash
-from juicecache.storage import DATA, RECORDS
+from juicecache.entryfile import DATA, RECORDS
 
 # The pretend cost of the computation: what a cache hit saves.
 TASK_SECONDS = 3.0
@@ -146,6 +146,8 @@ def artifact_markdown(report: RunReport, payload: Any) -> str:
             f"| computed on | `{report.computed_on}` |",
             f"| this run | {report.seconds:.3f} s |",
             f"| time saved | {report.saved_seconds:.3f} s |",
+            "",
+            "This task's hit rate and time saved across the fleet: `juicecache cache report --task compute`.",
         ]
     )
 

@@ -69,9 +69,9 @@ class LockTimeout(TimeoutError):
 
 @dataclass
 class _Held:
-    fd: int
+    fd: int | None  # None: a read-only consumer's hold, which locks nothing
     holder: str
-    naming: threading.Timer
+    naming: threading.Timer | None
 
 
 class FlockLockManager:
@@ -80,20 +80,25 @@ class FlockLockManager:
     Args:
         folder: where the lock files are, asked on each use (the store resolves it lazily).
         acquire_timeout: how long `acquire_lock` waits when not told, asked on each use.
+        read_only: asked on each acquire; when true, nothing is locked or written (a
+            read-only consumer computes a miss itself and stores nothing, so it needs no lock).
 
-    It pickles as its two callables: the copy a Dask worker or a subprocess unpickles
-    starts with no lock held, and resolves its folder there.
+    It pickles as its callables: the copy a Dask worker or a subprocess unpickles starts
+    with no lock held, and resolves its folder there.
     """
 
-    def __init__(self, folder: Callable[[], Path], acquire_timeout: Callable[[], float]) -> None:
+    def __init__(
+        self, folder: Callable[[], Path], acquire_timeout: Callable[[], float], read_only: Callable[[], bool] = bool
+    ) -> None:
         self._folder = folder
         self._acquire_timeout = acquire_timeout
+        self._read_only = read_only
         self._held: dict[str, _Held] = {}
         self._released: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._guard = threading.Lock()
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self._folder, self._acquire_timeout))
+        return (type(self), (self._folder, self._acquire_timeout, self._read_only))
 
     def lock_path(self, key: str) -> Path:
         return self._folder() / lock_file_name(key)
@@ -116,6 +121,10 @@ class FlockLockManager:
             held = self._held.get(key)
             if held is not None and held.holder == holder:
                 return True
+        if self._read_only():
+            with self._guard:
+                self._held[key] = _Held(None, holder, None)
+            return True
         timeout = self._acquire_timeout() if acquire_timeout is None else acquire_timeout
         deadline = time.monotonic() + timeout
         path = self.lock_path(key)
@@ -168,8 +177,9 @@ class FlockLockManager:
             self._released[(key, holder)] = None
             while len(self._released) > _REMEMBERED_RELEASES:
                 self._released.popitem(last=False)
-        held.naming.cancel()
-        _release(held.fd, self.lock_path(key))  # the file stays for the next holder
+        if held.fd is not None:
+            held.naming.cancel()
+            _release(held.fd, self.lock_path(key))  # the file stays for the next holder
 
     def is_locked(self, key: str) -> bool:
         """Probed with an exclusive lock that is let go at once, never a shared one: JuiceFS
@@ -178,7 +188,7 @@ class FlockLockManager:
         with self._guard:
             if key in self._held:
                 return True
-        return not self.wait_for_lock(key, timeout=0)
+        return not self._read_only() and not self.wait_for_lock(key, timeout=0)
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         with self._guard:

@@ -40,6 +40,7 @@ DEFAULTS: dict[str, str] = {
     "JUICECACHE_SIGNING_KEY": "",
     "JUICECACHE_LOCK_TIMEOUT": "300",
     "JUICECACHE_REQUIRE_VOLUME": "0",
+    "JUICECACHE_READ_ONLY": "0",
     "PREFECT_HOME": f"{STATE_DIR}/prefect",
     "PREFECT_API_URL": "",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -48,10 +49,6 @@ DEFAULTS: dict[str, str] = {
     "PREFECT_UI_HOST": "127.0.0.1",
     "PREFECT_UI_PORT": "4200",
 }
-
-SECRET_NAMES = frozenset(
-    {"JFS_ACCESS_KEY", "JFS_SECRET_KEY", "META_PASSWORD", "JUICECACHE_SIGNING_KEY"}
-)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -78,6 +75,7 @@ class Settings:
     fallback_dir: Path
     lock_timeout: float
     require_volume: bool  # fail instead of caching in the local fallback folder
+    read_only: bool  # serve hits, write nothing (a consumer that must not change the cache)
     prefect_home: Path
     prefect_api_url: str
     ui_host: str
@@ -86,11 +84,6 @@ class Settings:
     secret_key: str = field(repr=False, default="")
     meta_password: str = field(repr=False, default="")
     signing_key: str = field(repr=False, default="")
-
-    @property
-    def is_embedded(self) -> bool:
-        """The local default needs no server: SQLite metadata, a folder as object storage."""
-        return self.meta_url.startswith("sqlite3://") and self.storage == "file"
 
     @property
     def masked_meta_url(self) -> str:
@@ -208,6 +201,7 @@ def load_settings(root: Path | None = None) -> Settings:
         fallback_dir=path("JUICECACHE_FALLBACK_DIR"),
         lock_timeout=_positive_float("JUICECACHE_LOCK_TIMEOUT", get("JUICECACHE_LOCK_TIMEOUT")),
         require_volume=_flag("JUICECACHE_REQUIRE_VOLUME", get("JUICECACHE_REQUIRE_VOLUME")),
+        read_only=_flag("JUICECACHE_READ_ONLY", get("JUICECACHE_READ_ONLY")),
         prefect_home=path("PREFECT_HOME"),
         prefect_api_url=os.environ.get("PREFECT_API_URL", "").strip(),
         ui_host=get("PREFECT_UI_HOST"),

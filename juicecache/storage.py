@@ -13,11 +13,14 @@ that is not enough, so every file written here:
 
 The store keeps two folders, as Prefect's `key_storage` option expects: `records/`
 holds each key's small metadata record (read on every cache lookup), `data/` the
-result payload (read only on a hit).
+result payload (read only on a hit). A third, `parameters/`, holds what Prefect writes
+through a task's result storage for a background run (`task.delay(...)`): its parameters,
+read by whichever task worker picks the run up (see `parameters_name`).
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import errno
 import json
@@ -26,35 +29,34 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
 import anyio.to_thread
 from prefect.filesystems import WritableFileSystem
 from pydantic import PrivateAttr
 
-from juicecache.entries import note_record
-from juicecache.entryfile import (  # noqa: F401  (re-exported: the names callers know)
+from juicecache.entries import PARAMETERS, note_record
+from juicecache.entryfile import (
+    BLOCK_ID,
     DATA,
-    LOCKS,
-    MAGIC,
     MAX_HEADER,
     RECORDS,
-    TEMP_PREFIX,
     EntryHeader,
     EntryRefused,
     Signer,
-    read_header,
     write_atomically,
 )
+from juicecache.serializer import SERIALIZER_TYPE
+from juicecache.transactions import compute_seconds
 
 logger = logging.getLogger("juicecache")
+# The kind of the block the Prefect server knows (see `store.register_results_block`): whole records.
+RESULTS = "results"
 
-BLOCK_ID = uuid.uuid5(uuid.NAMESPACE_URL, "juicecache:entry-storage")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ class StoreConfig:
     on_refused: Callable[[Path, str], None] | None = None
     # Told the name of every record read: a hit's transaction commits when its task ends (see `transactions`).
     on_record_read: Callable[[str], None] | None = None
+    # A read-only consumer: writes are dropped, and this is told the name of each record not stored.
+    read_only: bool = False
+    on_not_stored: Callable[[str], None] | None = None
 
 
 class EntryStorage(WritableFileSystem):
@@ -79,7 +84,7 @@ class EntryStorage(WritableFileSystem):
     _block_type_slug: ClassVar[str] = "juicecache-entry-storage"
 
     kind: str
-    _config: Callable[[], StoreConfig] = PrivateAttr()
+    _config: Callable[[], StoreConfig] | None = PrivateAttr(default=None)
 
     @classmethod
     def create(cls, kind: str, config: Callable[[], StoreConfig]) -> EntryStorage:
@@ -92,17 +97,38 @@ class EntryStorage(WritableFileSystem):
         storage._block_document_id = BLOCK_ID
         return storage
 
+    def config(self) -> StoreConfig:
+        """The store this block reads and writes. A block Prefect loads from the server (to
+        read a result whose task this process never ran, see `store.register_results_block`)
+        has none of its own: it uses this process's default store, resolved here."""
+        if self._config is not None:
+            return self._config()
+        from juicecache.store import default_store  # the store is built from this module: imported late
+
+        return default_store().config()
+
     @property
     def folder(self) -> Path:
-        return self._config().root / self.kind
+        return self.config().root / self.kind
 
     def _resolve_path(self, path: str | None) -> Path:
         return self.folder / entry_name(path) if path else self.folder
 
+    def _target(self, path: str) -> tuple[str, Path]:
+        """The folder (`kind`) and file that `path` names: an entry, or a background run's parameters."""
+        parameters = parameters_name(path)
+        if parameters is not None:
+            return PARAMETERS, self.config().root / PARAMETERS / parameters
+        return self.kind, self._resolve_path(path)
+
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
-        target = self._resolve_path(path)
-        config = self._config()
-        with _reporting_io_errors(self.kind, target, "reading"):
+        kind, target = self._target(path)
+        config = self.config()
+        with _reporting_io_errors(kind, target, "reading"):
+            if kind == PARAMETERS:
+                return _read_entry(target, PARAMETERS, config)[0]
+            if self.kind == RESULTS:
+                return _whole_record(config.root, target.name, config)
             if self.kind == DATA:
                 checked = _checked_payloads.current(target, hand_out=True)
                 if checked is not None:
@@ -132,22 +158,28 @@ class EntryStorage(WritableFileSystem):
             _checked_payloads.keep(payload, *_read_entry(payload, DATA, config))
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
-        target = self._resolve_path(path)
-        signer = self._config().signer
+        kind, target = self._target(path)
+        config = self.config()
+        # A background run's parameters are no cache entry: a read-only consumer still submits runs.
+        if config.read_only and kind != PARAMETERS:
+            if self.kind == RECORDS and config.on_not_stored is not None:
+                config.on_not_stored(target.name)
+            return str(target)
+        signer = config.signer
         header = EntryHeader(
             size=len(content),
-            digest=signer.digest(f"{self.kind}/{target.name}", content),
+            digest=signer.digest(f"{kind}/{target.name}", content),
             algorithm=signer.algorithm,
             key_id=signer.key_id,
             host=socket.gethostname(),
             created=time.time(),
-            task=_current_task_name(),
+            **_current_task(),
         )
         line = header.to_line()
-        with _reporting_io_errors(self.kind, target, "writing"):
+        with _reporting_io_errors(kind, target, "writing"):
             inode = write_atomically(target, [line, content])
-        if self.kind == RECORDS:
-            note_record(self._config().root, target.name, inode, line + content)
+        if kind == RECORDS:
+            note_record(config.root, target.name, inode, line + content)
         return str(target)
 
     async def aread_path(self, path: str) -> bytes:
@@ -176,6 +208,17 @@ def _read_entry(target: Path, kind: str, config: StoreConfig) -> tuple[bytes, Id
         return content, _identity(os.fstat(handle.fileno()))
 
 
+def _whole_record(root: Path, key: str, config: StoreConfig) -> bytes:
+    """An entry as one JSON result record (its metadata and its result as text), the form
+    Prefect reads from a result storage that has no separate metadata storage: what
+    `state.result()` and `future.result()` read in a process that did not run the task."""
+    record = json.loads(_read_entry(root / RECORDS / key, RECORDS, config)[0])
+    payload = _read_entry(root / DATA / entry_name(record["storage_key"]), DATA, config)[0]
+    raw = record.get("serializer", {}).get("type") == SERIALIZER_TYPE
+    result = base64.b64encode(payload).decode("ascii") if raw else payload.decode()
+    return json.dumps({"metadata": record, "result": result}).encode()
+
+
 def entry_name(path: str) -> str:
     """Entries are flat files named by key.
 
@@ -186,6 +229,19 @@ def entry_name(path: str) -> str:
     if name in ("", ".", "..") or name.startswith("."):
         raise ValueError(f"invalid cache entry name {path!r}")
     return name
+
+
+def parameters_name(path: str) -> str | None:
+    """The file name in `parameters/` when `path` names a background run's parameters, else None.
+
+    Prefect stores the parameters of `task.delay(...)` as `parameters/UUID` through the task's
+    result storage, and its task worker reads them back from there. Flattened like an entry
+    they would land in `data/`, where `cache gc` takes a payload without a record for a
+    leftover and removes it, maybe before a worker has read it. Kept apart, they are on the
+    volume for every host's workers, and `gc` removes them only when a week old.
+    """
+    parts = PurePosixPath(path).parts
+    return entry_name(parts[1]) if len(parts) == 2 and parts[0] == PARAMETERS else None
 
 
 class _CheckedFiles:
@@ -279,9 +335,17 @@ def _reporting_io_errors(kind: str, path: Path, doing: str) -> Iterator[None]:
         raise
 
 
-def _current_task_name() -> str | None:
+def _current_task() -> dict[str, str | float | None]:
+    """The header's `task`, `code` and `seconds`: the running task's name, the short digest of
+    its code when its key follows it (see `code_version`), and how long it computed."""
     from prefect.context import TaskRunContext
 
     context = TaskRunContext.get()
-    return context.task.name if context else None
-
+    if context is None:
+        return {"task": None, "code": None, "seconds": None}
+    fingerprint = getattr(getattr(context.task.cache_policy, "cache_key_fn", None), "code", None)
+    return {
+        "task": context.task.name,
+        "code": fingerprint.short if fingerprint is not None else None,
+        "seconds": compute_seconds(),
+    }

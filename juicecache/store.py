@@ -24,11 +24,13 @@ from typing import Any
 from juicecache.entryfile import DATA, LOCKS, RECORDS, Signer
 from juicecache.locking import FlockLockManager
 from juicecache.settings import Settings, load_settings
-from juicecache.storage import EntryStorage, StoreConfig
+from juicecache.storage import RESULTS, EntryStorage, StoreConfig
 from juicecache.transactions import commit_with_task
 from juicecache.volume import CacheLocation, cache_location
 
 logger = logging.getLogger("juicecache")
+# The block document the Prefect server keeps for juicecache's results (see `register_results_block`).
+RESULTS_BLOCK = "juicecache-results"
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Resolved:
     location: CacheLocation
     signer: Signer
     refused: list[tuple[Path, str]] = field(default_factory=list)
+    not_stored: set[str] = field(default_factory=set)
 
     def note_refused(self, path: Path, reason: str) -> None:
         """One warning per refused file and process, however often Prefect looks at it."""
@@ -46,6 +49,12 @@ class Resolved:
             return
         self.refused.append((path, reason))
         logger.warning("cache entry %s/%s refused (%s); recomputing it", path.parent.name, path.name, reason)
+
+    def note_not_stored(self, key: str) -> None:
+        """A read-only consumer's miss: said once per key and process."""
+        if key not in self.not_stored:
+            self.not_stored.add(key)
+            logger.warning("read-only cache: the result of %s was computed, not stored", key)
 
 
 class Store:
@@ -60,7 +69,7 @@ class Store:
         self._settings = settings
         self._resolved: Resolved | None = None
         self._guard = threading.Lock()
-        self.lock_manager = FlockLockManager(self.locks_folder, self.lock_timeout)
+        self.lock_manager = FlockLockManager(self.locks_folder, self.lock_timeout, self.read_only)
         self.records = EntryStorage.create(RECORDS, self.config)
         self.data = EntryStorage.create(DATA, self.config)
 
@@ -73,6 +82,8 @@ class Store:
                 if location.warning:
                     logger.warning(location.warning)
                 self._resolved = Resolved(settings, location, Signer(settings.signing_key.encode()))
+                if self is DEFAULT_STORE:
+                    register_results_block(self.data)
             return self._resolved
 
     @property
@@ -85,7 +96,10 @@ class Store:
 
     def config(self) -> StoreConfig:
         resolved = self.resolved
-        return StoreConfig(resolved.location.path, resolved.signer, resolved.note_refused, commit_with_task)
+        return StoreConfig(
+            resolved.location.path, resolved.signer, resolved.note_refused, commit_with_task,
+            resolved.location.read_only, resolved.note_not_stored,
+        )
 
     def locks_folder(self) -> Path:
         return self.resolved.location.path / LOCKS
@@ -93,10 +107,45 @@ class Store:
     def lock_timeout(self) -> float:
         return self.resolved.settings.lock_timeout
 
+    def read_only(self) -> bool:
+        return self.resolved.location.read_only
+
     def __reduce__(self) -> tuple[Any, ...]:
         if self is DEFAULT_STORE:
             return (default_store, ())
         return (Store, (self._settings,))
+
+
+def register_results_block(storage: EntryStorage) -> None:
+    """Give `storage` the id of a block document the Prefect server knows, so that any process
+    can read a result from a task run's state (`state.result()`, `future.result()` of a
+    background task), not only the process that ran it.
+
+    Prefect records the result storage's block id in every state it stores, and a process
+    that never ran the task loads that block from the server to read the result. The
+    document (`juicecache-results`, made once per server) holds no settings: the process
+    that loads it reads through its own default store, whole records at a time (see
+    `storage.RESULTS`). One API call per process; without a server, entries keep a fixed id
+    that no server knows, as before, and only the running process can read its results.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    slug = EntryStorage.get_block_type_slug()
+    try:
+        with get_client(sync_client=True) as client:
+            try:
+                storage._block_document_id = client.read_block_document_by_name(RESULTS_BLOCK, slug).id
+                return
+            except ObjectNotFound:
+                pass
+        try:
+            storage._block_document_id = EntryStorage(kind=RESULTS).save(RESULTS_BLOCK, _sync=True)  # type: ignore[call-arg]
+        except ValueError:  # another process made it meanwhile
+            with get_client(sync_client=True) as client:
+                storage._block_document_id = client.read_block_document_by_name(RESULTS_BLOCK, slug).id
+    except Exception as exc:  # no server: results stay readable by the process that ran the task
+        logger.debug("results block not registered with the Prefect server: %s", exc)
 
 
 def default_store() -> Store:

@@ -16,7 +16,12 @@ rolls back leaves the entry in place, as it leaves any other cache entry.
 
 from __future__ import annotations
 
+import time
+
 from prefect.transactions import CommitMode, get_transaction
+
+# Where the running transaction keeps when its task's function started (see `compute_started`).
+_STARTED = "juicecache.compute-started"
 
 
 def commit_with_task(key: str) -> None:
@@ -28,3 +33,18 @@ def commit_with_task(key: str) -> None:
     transaction = get_transaction()
     if transaction is not None and transaction.key == key:
         transaction.commit_mode = CommitMode.EAGER
+
+
+def compute_started() -> None:
+    """Note, in the running transaction, that its task's function starts computing now."""
+    transaction = get_transaction()
+    if transaction is not None:
+        transaction.set(_STARTED, time.time())
+
+
+def compute_seconds() -> float | None:
+    """How long the running transaction's task computed, when it is committed: what each
+    later hit of its entry saves (`cache report`). None outside a computation."""
+    transaction = get_transaction()
+    started = transaction.get(_STARTED, None) if transaction is not None else None
+    return round(time.time() - started, 3) if started is not None else None

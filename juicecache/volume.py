@@ -43,7 +43,7 @@ _DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "postgres": 5432, "mysql": 3306
 # `--io-retries`, `--get-timeout`, `--put-timeout`: by default JuiceFS retries a failed
 # object read or write 10 times, sleeping 0, 1, 4 ... 81 s between tries, and gives each
 # request 60 s: with the object store down or wedged, a run would hang for 6 to 17
-# minutes. These bound it (measured, see "Reliability" in README.md): a read gives up
+# minutes. These bound it (measured, see docs/reliability.md): a read gives up
 # after 41 s and a write after 64 s when the store accepts connections but never
 # answers, after 2 s and 14 s when it refuses them. `--io-retries` also bounds JuiceFS's
 # retries of metadata requests.
@@ -67,6 +67,7 @@ class MountInfo:
     mount_point: Path
     volume_name: str | None = None
     fstype: str | None = None
+    read_only: bool = False  # mounted with --read-only
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,7 @@ class CacheLocation:
     on_volume: bool
     volume_name: str | None
     warning: str | None = None
-
-    def describe(self) -> str:
-        where = f"JuiceFS volume {self.volume_name!r}" if self.on_volume else "local folder (not shared)"
-        return f"{where}: {self.path}"
+    read_only: bool = False  # JUICECACHE_READ_ONLY=1, or a volume mounted --read-only: nothing is written
 
 
 def juicefs_binary() -> str:
@@ -98,12 +96,22 @@ def mount_info(mount_point: Path) -> MountInfo:
     entry = _mount_entry(mount_point)
     if entry is None:
         return MountInfo(MountState.ABSENT, mount_point)
-    fstype, source = entry
+    fstype, source, read_only = entry
     if fstype != JUICEFS_FSTYPE:
         return MountInfo(MountState.FOREIGN, mount_point, fstype=fstype)
     name = source.split(":", 1)[1] if source.startswith("JuiceFS:") else None
-    state = MountState.LIVE if _answers(mount_point) else MountState.DEAD
-    return MountInfo(state, mount_point, volume_name=name, fstype=fstype)
+    state = MountState.LIVE if _mount_answers_stat(mount_point) else MountState.DEAD
+    read_only = read_only or (state is MountState.LIVE and _mounted_read_only(mount_point))
+    return MountInfo(state, mount_point, volume_name=name, fstype=fstype, read_only=read_only)
+
+
+def _mounted_read_only(mount_point: Path) -> bool:
+    """What JuiceFS's virtual `.config` says of `--read-only`. Only root may read it: another
+    user's process on a read-only mount sets JUICECACHE_READ_ONLY=1 instead."""
+    try:
+        return bool(json.loads((mount_point / ".config").read_text())["Meta"]["ReadOnly"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def cache_location(settings: Settings) -> CacheLocation:
@@ -119,7 +127,9 @@ def cache_location(settings: Settings) -> CacheLocation:
                 f"{info.mount_point} holds JuiceFS volume {info.volume_name!r}, but JFS_NAME is "
                 f"{settings.volume_name!r}: fix JFS_NAME or JFS_MOUNT_POINT"
             )
-        return CacheLocation(info.mount_point / settings.results_dir, True, info.volume_name)
+        return CacheLocation(
+            info.mount_point / settings.results_dir, True, info.volume_name, read_only=settings.read_only or info.read_only
+        )
     if info.state is MountState.DEAD:
         raise VolumeError(dead_mount_message(info.mount_point))
     reason = "is not mounted" if info.state is MountState.ABSENT else f"holds a {info.fstype} mount, not JuiceFS"
@@ -133,7 +143,7 @@ def cache_location(settings: Settings) -> CacheLocation:
         f"caching in the local folder {settings.fallback_dir} (not shared). "
         "Mount it with ./start_juice.sh (installed with pip: `juicecache mount`)"
     )
-    return CacheLocation(settings.fallback_dir, False, None, warning)
+    return CacheLocation(settings.fallback_dir, False, None, warning, read_only=settings.read_only)
 
 
 def mount_log(settings: Settings) -> Path:
@@ -169,8 +179,8 @@ def mount_volume(settings: Settings) -> str:
     juicefs = juicefs_binary()
     _check_reachable(settings)
     formatted = format_volume(settings, juicefs)
-    make_folder(settings.mount_point, "JFS_MOUNT_POINT")
-    make_folder(settings.cache_dir, "JFS_CACHE_DIR")
+    make_folder_for_setting(settings.mount_point, "JFS_MOUNT_POINT")
+    make_folder_for_setting(settings.cache_dir, "JFS_CACHE_DIR")
     _run(
         [
             juicefs, "mount", "--background", "--no-usage-report",
@@ -186,9 +196,9 @@ def mount_volume(settings: Settings) -> str:
     )
     if formatted:
         # `juicefs format` leaves the root world-writable (0777): anyone on any host could then
-        # swap the results folder for one of their own (see "Reliability" in README.md).
+        # swap the results folder for one of their own (see docs/security.md).
         os.chmod(settings.mount_point, 0o755)
-    make_folder(settings.mount_point / settings.results_dir, "JUICECACHE_RESULTS_DIR")
+    make_folder_for_setting(settings.mount_point / settings.results_dir, "JUICECACHE_RESULTS_DIR")
     action = "formatted and mounted" if formatted else "mounted"
     return f"JuiceFS volume {settings.volume_name!r} {action} at {settings.mount_point} (metadata: {settings.masked_meta_url})"
 
@@ -214,9 +224,9 @@ def format_volume(settings: Settings, juicefs: str) -> bool:
         check_format(settings, status.stdout)
         return False
     if settings.meta_url.startswith("sqlite3://"):
-        make_folder(Path(settings.meta_url.removeprefix("sqlite3://").split("?")[0]).parent, "JFS_META_URL")
+        make_folder_for_setting(Path(settings.meta_url.removeprefix("sqlite3://").split("?")[0]).parent, "JFS_META_URL")
     if settings.storage == "file":
-        make_folder(Path(settings.bucket), "JFS_BUCKET")
+        make_folder_for_setting(Path(settings.bucket), "JFS_BUCKET")
     _run(
         [
             juicefs, "format",
@@ -257,7 +267,7 @@ def check_format(settings: Settings, status_json: str) -> None:
         raise VolumeError(f"JFS_ACCESS_KEY: {fixed} access key, which JuiceFS uses: change it with `juicefs config --access-key`")
 
 
-def make_folder(path: Path, setting: str) -> None:
+def make_folder_for_setting(path: Path, setting: str) -> None:
     """mkdir -p, failing in one line that names the setting the path comes from."""
     if path.exists() and not path.is_dir():
         raise VolumeError(f"{setting}: {path} exists and is not a folder")
@@ -281,8 +291,11 @@ def unmount_volume(settings: Settings) -> str:
     return f"JuiceFS volume {info.volume_name!r} unmounted from {info.mount_point}"
 
 
-def _mount_entry(mount_point: Path) -> tuple[str, str] | None:
-    """(fstype, source) of the topmost mount at `mount_point`, from /proc/self/mountinfo."""
+def _mount_entry(mount_point: Path) -> tuple[str, str, bool] | None:
+    """(fstype, source, read-only) of the topmost mount at `mount_point`, from /proc/self/mountinfo.
+
+    JuiceFS's `--read-only` does not show there (the kernel mount stays "rw"), so a JuiceFS
+    mount is read-only also when its `.config` says so (see `mount_info`)."""
     found = None
     with open("/proc/self/mountinfo", encoding="utf-8") as table:
         for line in table:
@@ -290,7 +303,7 @@ def _mount_entry(mount_point: Path) -> tuple[str, str] | None:
             where = _unescape(fields.split()[4])
             if where == str(mount_point):
                 fstype, source = rest.split()[:2]
-                found = (fstype, _unescape(source))
+                found = (fstype, _unescape(source), "ro" in fields.split()[5].split(","))
     return found
 
 
@@ -301,8 +314,10 @@ def _unescape(field: str) -> str:
     return field
 
 
-def _answers(mount_point: Path) -> bool:
-    """stat() in a daemon thread: a wedged FUSE mount must not hang the program."""
+def _mount_answers_stat(mount_point: Path) -> bool:
+    """Whether stat() of the mount point answers within LIVENESS_TIMEOUT (EIO counts as an
+    answer, a dead client's ENOTCONN does not); in a daemon thread: a wedged FUSE mount must
+    not hang the program."""
     outcome: list[bool] = []
 
     def probe() -> None:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +23,10 @@ from pathlib import Path
 import pytest
 
 from juicecache.volume import juicefs_binary
+
+# Tests that import Prefect in pytest's own process keep its files in a temporary folder,
+# never in ~/.prefect (every run the tests start gets its own PREFECT_HOME).
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="juicecache-tests-prefect-"))
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "main.py"

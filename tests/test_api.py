@@ -116,7 +116,10 @@ def test_volume_status_says_where_results_go(sandbox: Sandbox) -> None:
     assert "is not mounted" in unmounted["warning"]
     assert unmounted["prefect_imported"] is False  # the status and settings are cheap to ask for
     assert unmounted["public"] == sorted(
-        ["Settings", "UnhashableInput", "VolumeStatus", "cached_task", "get_settings", "stable_hash", "volume_status"]
+        [
+            "Settings", "Store", "UnhashableInput", "VolumeStatus", "cached_task", "get_settings", "shared",
+            "shared_storage", "stable_hash", "volume_status",
+        ]
     )
 
     assert sandbox.run("mount", timeout=90).returncode == 0

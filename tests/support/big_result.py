@@ -19,7 +19,7 @@ def payload(megabytes: int) -> bytes:
 
 
 def main() -> int:
-    from juicecache.cli import prepare_prefect
+    from juicecache.cli.run import prepare_prefect
     from juicecache.settings import load_settings
 
     settings = load_settings()
