@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import itertools
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -60,6 +63,34 @@ def rewrite_expiration(record: Path, expiration: str | None) -> None:
     write_atomically(record, [new.to_line(), content])
 
 
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+def listing_from_files(box: Sandbox) -> list[dict]:
+    """What `cache ls --json` must list ("expired" aside), read straight from the entry files
+    (header line, record body, payload size) without juicecache's scan or listing index; by key."""
+    root = cache_folder(box)
+    found = []
+    for record in (root / "records").iterdir():
+        raw = record.read_bytes()
+        line, body = raw.split(b"\n", 1)
+        header = json.loads(line.removeprefix(b"JCE1 "))
+        metadata = json.loads(body)
+        expiration = metadata.get("expiration")
+        found.append({
+            "key": record.name, "task": header["task"], "host": header["host"], "created": iso(header["created"]),
+            "expires": iso(datetime.fromisoformat(expiration).timestamp()) if expiration else None,
+            "size": len(raw) + (root / "data" / metadata["storage_key"]).stat().st_size, "problem": None,
+            "code": header.get("code"), "seconds": header.get("seconds"),
+        })
+    return sorted(found, key=lambda entry: entry["key"])
+
+
+def without_expired(entries) -> list[dict]:
+    return sorted(({k: v for k, v in entry.items() if k != "expired"} for entry in entries), key=lambda entry: entry["key"])
+
+
 def test_ls_stats_and_rm(mounted: Sandbox) -> None:
     items = run_json(mounted, "-input", "1", "2", "3", "--per-item")["items"]
     expiring = run_json(mounted, "-input", "4", "--expire", "2s")
@@ -83,12 +114,17 @@ def test_ls_stats_and_rm(mounted: Sandbox) -> None:
     rewrite_expiration(cache_folder(mounted) / "records" / keys[2], "2099-01-01T00:00:00Z")
     relisted = {entry["key"]: entry for entry in run_json(mounted, "cache", "ls")["entries"]}
     assert relisted[keys[2]]["expires"].startswith("2099-01-01")
+    assert without_expired(relisted.values()) == listing_from_files(mounted)
     index.write_bytes(b"\x00 not json")
-    # A damaged index is rebuilt: two listings agree ("expired" aside: the 2 s entry may expire between them).
-    def listing() -> list[dict]:
-        return [{k: v for k, v in entry.items() if k != "expired"} for entry in run_json(mounted, "cache", "ls")["entries"]]
-
-    assert listing() == listing()
+    # A damaged index is ignored and rebuilt: the listing is still what the files say, and the
+    # new index names every record by its current inode ("expired" aside: the 2 s entry may
+    # expire between two listings).
+    assert without_expired(run_json(mounted, "cache", "ls")["entries"]) == listing_from_files(mounted)
+    rebuilt = json.loads(index.read_bytes())
+    records = cache_folder(mounted) / "records"
+    assert {name: fields[0] for name, fields in rebuilt["records"].items()} == {
+        path.name: path.stat().st_ino for path in records.iterdir()
+    }
     rewrite_expiration(cache_folder(mounted) / "records" / keys[2], None)
 
     limited = run_json(mounted, "cache", "ls", "--limit", "2")
@@ -166,33 +202,59 @@ def test_gc_dry_run_expiry_size_and_leftovers(mounted: Sandbox) -> None:
 
     listed = run_json(mounted, "cache", "ls")["entries"]
     assert sorted(e["key"] for e in listed) == sorted(lasting)
-    total = sum(e["size"] for e in listed)
-    oldest = listed[-1]
-    would = run_json(mounted, "cache", "gc", "--max-size", f"{total - 1}B", "--dry-run")
-    assert [(r["key"], r["reason"]) for r in would["removed"]] == [(oldest["key"], "over size")]
-    assert len(entry_files(mounted, oldest["key"])) == 2
-
-    sized = run_json(mounted, "cache", "gc", "--max-size", f"{total - 1}B")
-    assert [r["key"] for r in sized["removed"]] == [oldest["key"]]
-    assert sized["remaining_bytes"] <= total - 1 and not entry_files(mounted, oldest["key"])
-
     assert run_json(mounted, "cache", "gc", "--older-than", "1h")["removed"] == []
     human = mounted.run("cache", "gc", "--older-than", "1s", "--dry-run")
-    assert human.returncode == 0 and "would remove 2 entries" in human.stdout
+    assert human.returncode == 0 and "would remove 3 entries" in human.stdout
 
     refused = mounted.run("cache", "clear")
     assert refused.returncode == 1 and "nothing removed" in refused.stderr and "--yes" in refused.stderr
-    assert run_json(mounted, "cache", "stats")["entries"] == 2
+    assert run_json(mounted, "cache", "stats")["entries"] == 3
     cleared = run_json(mounted, "cache", "clear", "--yes")
-    assert sorted(r["key"] for r in cleared["removed"]) == sorted(e["key"] for e in listed[:2])
+    assert sorted(r["key"] for r in cleared["removed"]) == sorted(e["key"] for e in listed)
     assert run_json(mounted, "cache", "stats")["entries"] == 0
     assert not os.listdir(root / "records")
+
+
+def set_created(record: Path, created: float) -> None:
+    """Rewrite a record's header with another creation time (a new file, as a writer's rename makes)."""
+    header, body = record.read_bytes().split(b"\n", 1)
+    old = EntryHeader.from_line(header + b"\n")
+    write_atomically(record, [dataclasses.replace(old, created=created).to_line(), body])
+
+
+def test_gc_max_size_removes_the_oldest_first(mounted: Sandbox) -> None:
+    """Four entries of different sizes, created hours apart in an order that is neither their key
+    order nor their size order; a limit that takes exactly the two oldest to meet."""
+    words = ["a" * 200, "b" * 6000, "c" * 1500, "d" * 12000]
+    keys = [item["key"] for item in run_json(mounted, "-input", *words, "--per-item")["items"]]
+    sizes = {entry["key"]: entry["size"] for entry in run_json(mounted, "cache", "ls")["entries"]}
+    assert len(set(sizes.values())) == 4, sizes
+
+    def other_orders(order: tuple[str, ...]) -> bool:
+        wrong = [sorted(keys), sorted(keys, reverse=True), sorted(keys, key=sizes.get), sorted(keys, key=sizes.get, reverse=True)]
+        return all(list(order[:2]) != orders[:2] for orders in wrong)
+
+    oldest_first = next(order for order in itertools.permutations(keys) if other_orders(order))
+    now = time.time()
+    for hours, key in zip((4, 3, 2, 1), oldest_first, strict=True):
+        set_created(cache_folder(mounted) / "records" / key, now - hours * 3600)
+
+    sizes = {entry["key"]: entry["size"] for entry in run_json(mounted, "cache", "ls")["entries"]}  # new headers
+    total = sum(sizes.values())
+    limit = total - sizes[oldest_first[0]] - sizes[oldest_first[1]]  # one removal is not enough, two are
+    would = run_json(mounted, "cache", "gc", "--max-size", f"{limit}B", "--dry-run")
+    assert [(r["key"], r["reason"]) for r in would["removed"]] == [(key, "over size") for key in oldest_first[:2]]
+    assert all(len(entry_files(mounted, key)) == 2 for key in keys)
+    sized = run_json(mounted, "cache", "gc", "--max-size", f"{limit}B")
+    assert [r["key"] for r in sized["removed"]] == list(oldest_first[:2])
+    assert sized["remaining_bytes"] == limit
+    assert [key for key in keys if entry_files(mounted, key)] == [key for key in keys if key in oldest_first[2:]]
 
 
 def test_status_on_a_mounted_volume(mounted: Sandbox, prefect_api: str) -> None:
     status = run_json(mounted, "status")
     assert status["volume"]["state"] == "live" and status["volume"]["name"] == "testvol"
-    assert status["results"] == {"path": str(cache_folder(mounted)), "shared": True}
+    assert status["results"] == {"path": str(cache_folder(mounted)), "shared": True, "read_only": False}
     assert status["storage"]["type"] == "file" and status["storage"]["from"] == "volume"
     assert status["metadata"].startswith("sqlite3://")
     assert status["prefect"] == {"url": prefect_api, "configured": True, "answers": True}

@@ -12,6 +12,7 @@ Each test adds a row to the summary table printed at the end (tests/support/faul
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import os
@@ -30,7 +31,7 @@ import pytest
 
 from tests.conftest import force_unmount, wait_until
 from tests.support import netns
-from tests.support.cluster import Cluster, Machine, running_cluster
+from tests.support.cluster import Cluster, Machine, machine_env, running_cluster
 from tests.support.fault_report import FaultReport
 from tests.support.leaks import CommandLines, prefect_records, secrets_found, world_writable
 
@@ -61,7 +62,8 @@ def outputs() -> list[str]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, command_lines: CommandLines) -> Iterator[Cluster]:
     with running_cluster(
-        tmp_path_factory.mktemp("faults"), access_key="ak-" + secrets.token_hex(6), signing_key=secrets.token_hex(16), umask=0
+        tmp_path_factory.mktemp("faults"), access_key="ak-" + secrets.token_hex(6), signing_key=secrets.token_hex(16), umask=0,
+        log_execs=True,
     ) as running:
         yield running
 
@@ -194,12 +196,17 @@ def test_redis_restart_during_a_batch(cluster: Cluster, outputs: list[str], faul
         assert wait_until(lambda: len(batch.lines) >= 8, 120), "the batch did not start"
         cluster.stop_service("redis")
         outage_started = time.monotonic()
-        during = cluster.a.run("-input", "redis", "outage")  # what the command line says meanwhile
+        # What the command line says meanwhile; in the background, so the outage lasts 5 s
+        # however long its start-up takes on a busy machine.
+        meanwhile = cluster.a.popen("-input", "redis", "outage")
         time.sleep(max(0.0, 5 - (time.monotonic() - outage_started)))
     finally:
         up = cluster.stack("up")  # whatever happened: the next tests need Redis
+        restarted = time.time()
         outage = time.monotonic() - outage_started
         runs = batch.finish(outputs)
+    stdout, stderr = meanwhile.communicate(timeout=120)
+    during = subprocess.CompletedProcess(meanwhile.args, meanwhile.returncode, stdout, stderr)
     assert up.returncode == 0, up.stdout + up.stderr
     outputs.append(during.stdout + during.stderr)
     assert len(runs) == len(spec["calls"])
@@ -214,15 +221,31 @@ def test_redis_restart_during_a_batch(cluster: Cluster, outputs: list[str], faul
         assert "JuiceFS volume" in lines_out[0] and "JFS_META_URL" in lines_out[0], lines_out[0]
     # Every entry reported stored (a miss without a warning) is a hit on host B afterwards;
     # and after the restart every run succeeds.
+    # The outage was felt (else this test injected nothing): a run failed or warned.
+    felt = [run for run in runs if run in failed or run["warnings"]] + ([during] if during.returncode else [])
+    assert felt, "no run failed or warned while Redis was down"
+    # Once Redis is back, every run of the batch succeeds (a run that started 2 s after the
+    # restart: the JuiceFS client reconnects meanwhile).
+    later = [run for run in runs if run["start"] > restarted + 2]
+    assert later and all(run["state"] in ("Cached", "Completed") and run["value_ok"] for run in later), later
+    # Every computation left a marker, and every run that computed (a miss, failed or not) left one.
+    batch_pids = {run["pid"] for run in runs}
+    computed = collections.Counter(m["key"] for m in markers(log) if m["pid"] in batch_pids)
+    assert computed == collections.Counter(run["key"] for run in runs if run["state"] == "Completed"), computed
     stored = {run["key"] for run in runs if run["state"] == "Completed" and not run["warnings"]}
+    assert stored, "nothing was stored"
     after = run_driver(cluster.b, {"calls": [{"key": key} for key in keys], "payload_bytes": 2048, "markers": str(log)}, outputs)
     assert all(run["state"] in ("Cached", "Completed") and run["value_ok"] for run in after), after
     lost = [run["key"] for run in after if run["key"] in stored and run["state"] != "Cached"]
     assert not lost, f"entries reported stored were lost: {lost}"
+    after_pids = {run["pid"] for run in after}
+    computed_after = collections.Counter(m["key"] for m in markers(log) if m["pid"] in after_pids)
+    assert computed_after == collections.Counter(run["key"] for run in after if run["state"] == "Completed")
     fault_report.add(
         f"Redis stopped (SIGTERM) for {outage:.0f} s during a batch of {len(runs)} runs on host A, then restarted",
         "runs failed clearly or succeeded, 0 wrong values, 0 stored entries lost; all runs after it succeed",
-        f"{len(failed)} failed, {len(runs) - len(failed)} succeeded; longest run {max(r['seconds'] for r in runs):.1f} s; "
+        f"{len(failed)} failed, {len(runs) - len(failed)} succeeded ({len(later)} after the restart, all succeeded); "
+        f"longest run {max(r['seconds'] for r in runs):.1f} s; "
         f"{len(stored)} stored entries all hits on host B",
     )
 
@@ -373,6 +396,11 @@ def test_load_two_hosts(cluster: Cluster, outputs: list[str], fault_report: Faul
             # Computed again only once the entry had expired (its expiry counts from after `end`).
             assert after["start"] > before["end"] + expire, f"{before['key']} computed twice within its expiry"
     assert all(done.returncode == 0 for done in gc_runs), [done.stderr for done in gc_runs if done.returncode]
+    removals = [removal for done in gc_runs for removal in json.loads(done.stdout)["removed"]]
+    if with_gc:
+        # gc took part (else the run proves nothing about it), and only ever took expired entries.
+        assert removals, f"{len(gc_runs)} gc runs removed nothing during the load"
+        assert {removal["reason"] for removal in removals} == {"expired"}, removals
 
     recomputed = len(computed) - len({m["key"] for m in computed})
     seconds = sorted(run["seconds"] for run in runs)
@@ -381,7 +409,7 @@ def test_load_two_hosts(cluster: Cluster, outputs: list[str], fault_report: Faul
     p50, p95 = statistics.median(seconds), seconds[int(0.95 * (len(seconds) - 1))]
     fault_report.add(
         f"load: 2 hosts x 4 processes, {len(runs)} runs over 50 random keys, {expire:.0f} s expiry"
-        + (f", `cache gc` running ({len(gc_runs)} runs)" if with_gc else ""),
+        + (f", `cache gc` running ({len(gc_runs)} runs, {len(removals)} expired entries removed)" if with_gc else ""),
         "every value right, each key computed at most once per expiry",
         f"{hits} hits, {len(runs) - hits} misses ({recomputed} after expiry), 0 errors; p50 {p50:.2f} s, p95 {p95:.2f} s; {wall:.0f} s wall",
     )
@@ -390,25 +418,53 @@ def test_load_two_hosts(cluster: Cluster, outputs: list[str], fault_report: Faul
 def collect_gc(machine: Machine, stop: threading.Event, done: list[subprocess.CompletedProcess[str]]) -> None:
     """`cache gc` over and over on host A while the load runs: it must only ever take expired entries."""
     while not stop.is_set():
-        done.append(machine.run("cache", "gc", "--expired", "--older-than", "1h", timeout=120))
+        done.append(machine.run("cache", "gc", "--expired", "--older-than", "1h", "--json", timeout=120))
         stop.wait(2)
 
 
 def test_no_secret_leaked_and_nothing_world_writable(
-    cluster: Cluster, outputs: list[str], command_lines: CommandLines, fault_report: FaultReport
+    cluster: Cluster, outputs: list[str], command_lines: CommandLines, fault_report: FaultReport, tmp_path: Path
 ) -> None:
-    """Runs last: everything the module printed, logged, sent to Prefect, or showed in `ps`."""
-    texts = {f"output {number}": text for number, text in enumerate(outputs)}
+    """Everything the module printed, logged, sent to Prefect, or started (command lines).
+
+    Meant to run last, but proves its point alone too: it runs what it checks itself (a run
+    on each host, cache commands, a mount of its own, `stack down` and `stack up`), and every
+    command line juicecache started is in the cluster's exec log, written at exec time (see
+    tests/support/exec_log.py), not sampled; the `ps` sampling stays as a second net.
+    """
     for machine in cluster.machines:
+        machine.demo("secrets", secrets.token_hex(4))
+        for args in (("status",), ("cache", "ls"), ("cache", "stats")):
+            assert machine.run(*args).returncode == 0
+    own = Machine(cluster.a.host, machine_env(cluster.a.env, tmp_path, "own"), tmp_path, 0, cluster.a.python)
+    try:
+        assert own.run("mount", timeout=90).returncode == 0  # a juicefs mount started by this test, whatever ran before
+        assert own.run("unmount", timeout=60).returncode == 0
+    finally:
+        force_unmount(own.mount_point)
+    down = cluster.stack("down")
+    up = cluster.stack("up")
+    assert down.returncode == 0 and up.returncode == 0, down.stdout + down.stderr + up.stdout + up.stderr
+    assert wait_until(lambda: cluster.b.run("-input", "after", "restart", "--json").returncode == 0, 60, 1)
+
+    texts = {f"output {number}": text for number, text in enumerate(outputs)}
+    texts.update({f"stack output {n}": text for n, text in enumerate(cluster.transcript)})
+    for machine in (*cluster.machines, own):
         texts.update({f"{machine.host.name} output {n}": text for n, text in enumerate(machine.transcript)})
+        texts.update({f"command: {line[:80]}": line for line in machine.commands})
+    assert cluster.exec_log is not None
+    execs = cluster.exec_log.lines()
+    started = {name: sum(f"/{name} " in line + " " for line in execs) for name in ("juicefs", "redis-server", "weed")}
+    assert all(started.values()) and any(" format " in line for line in execs) and any(" mount " in line for line in execs), started
+    texts.update({f"exec: {line[:80]}": line for line in execs})
     logs = [*cluster.stack_dir.glob("*.log"), cluster.path / "storage" / "prefect-server.log"]
-    logs += [machine.cache_dir / "juicefs-mount.log" for machine in cluster.machines]
+    logs += [machine.cache_dir / "juicefs-mount.log" for machine in (*cluster.machines, own)]
     logs += [path for machine in cluster.machines for path in machine.path.glob("markers-*.jsonl")]
     texts.update({str(path): path.read_text(errors="replace") for path in logs if path.exists()})
     records = prefect_records(cluster.env["PREFECT_API_URL"])
     texts.update({f"Prefect {kind}": json.dumps(found) for kind, found in records.items()})
     texts.update({f"ps: {line[:80]}": line for line in command_lines.seen})
-    assert records["artifacts"] or records["logs"], "the Prefect API holds nothing: the check would prove nothing"
+    assert records["artifacts"] and records["logs"], "the Prefect API holds nothing: the check would prove nothing"
     assert not secrets_found(cluster.secrets, texts)
 
     # Files and folders: the volume (root made 0755 when formatted), each host's JuiceFS cache
@@ -420,8 +476,10 @@ def test_no_secret_leaked_and_nothing_world_writable(
     assert all((cluster.stack_dir / name).stat().st_mode & 0o777 == 0o600 for name in ("redis.conf", "s3.json"))
     fault_report.add(
         f"secrets ({', '.join(cluster.secrets)}) watched during the module; client commands under umask 000",
-        "no secret in any output, log, Prefect artifact/log/run or `ps` listing; nothing world-writable",
-        f"{len(outputs) + sum(len(m.transcript) for m in cluster.machines)} outputs, {len(logs)} log files, "
-        f"{sum(len(found) for found in records.values())} Prefect records, {len(command_lines.seen)} command lines; "
-        f"{checked} paths checked",
+        "no secret in any output, log, Prefect artifact/log/run, command line started (logged at exec) or `ps` listing; "
+        "nothing world-writable",
+        f"{len(outputs) + len(cluster.transcript) + sum(len(m.transcript) for m in (*cluster.machines, own))} outputs, "
+        f"{len(logs)} log files, {sum(len(found) for found in records.values())} Prefect records, "
+        f"{len(execs)} command lines logged at exec ({', '.join(f'{n} {name}' for name, n in started.items())}), "
+        f"{len(command_lines.seen)} sampled; {checked} paths checked",
     )

@@ -238,7 +238,10 @@ def test_writer_killed_20_times(mounted: Sandbox, fault_report: FaultReport) -> 
 
     The moments are drawn around the writes: after a random call's body has run (its marker
     line appears), within 1.5 x the time storing a result took in a calibration run; every
-    other time, within 20 ms of the writer creating a temporary file (inside a write).
+    other time, within 10 ms of the writer opening an entry file for writing (inside a write).
+    Whether a writer was inside a write when killed is read from its open files just before
+    the kill (whatever the file is named, so a writer writing entries in place counts too),
+    and enough kills must have landed there: otherwise the test would prove nothing.
     """
     keys = [f"kill-{i}" for i in range(3)]
     markers = mounted.path / "markers.jsonl"
@@ -252,44 +255,49 @@ def test_writer_killed_20_times(mounted: Sandbox, fault_report: FaultReport) -> 
         assert [run["state"] for run in zygote.runs(calibration)] == ["Completed"] * len(keys)
         computed = {line["key"]: line["end"] for line in read_markers(markers) if line["pid"] == calibration}
         writing = max(run["end"] - computed[run["key"]] for run in zygote.runs(calibration))
-        kills = []
+        kills: list[bool] = []  # killed before finishing its calls
+        mid_write: list[bool] = []  # killed with an entry file open for writing
+        damaged: list[str] = []  # visible entry files that fail their checksum right after a kill
         results = mounted.mount_point / RESULTS
         for round_number in range(20):
             call = chooser.randrange(len(keys))
             pid = zygote.fork(spec)
             wait_until(lambda pid=pid, call=call: len(bodies_run(markers, pid)) > call or not alive(pid), 60, 0.005)
-            if round_number % 2:  # every other time, right inside a file write: once its temporary exists
-                wait_until(lambda pid=pid: temporaries(results, pid) or not alive(pid), 10, 0.002)
-                time.sleep(chooser.uniform(0.0, 0.02))
+            if round_number % 2:  # every other time, right inside a file write: once it has an entry file open to write
+                wait_until(lambda pid=pid: writing_entry_files(results, pid) or not alive(pid), 10, 0.002)
+                time.sleep(chooser.uniform(0.0, 0.01))
             else:
                 time.sleep(chooser.uniform(0.0, 1.5 * writing))
+            inside = writing_entry_files(results, pid)  # what it was writing at the kill (microseconds before it)
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
             assert wait_until(lambda pid=pid: not alive(pid), 30, 0.01)
             kills.append(len(zygote.runs(pid)) < len(keys))
+            # Inside a write: it had an entry file open for writing, or left a temporary behind.
+            left = list(results.glob(f"*/.tmp-*.{pid}.*"))
+            mid_write.append(kills[-1] and bool(inside or left))
+            # Right after each kill, before the next writer can mend anything: no visible entry is partial.
+            damaged.extend(f"round {round_number}: {problem}" for problem in visible_entry_problems(results))
         reader = zygote.fork({**spec, "calls": [{"key": key} for key in keys]})
         assert wait_until(lambda: not alive(reader), 120, 0.01)
         after = zygote.runs(reader)
     finally:
         zygote.close()
+    # Half the rounds aim inside a write of 4 MB: if fewer than 4 of 20 kills landed there, the
+    # claim "a writer killed mid-write leaves no partial entry" went untested.
+    assert sum(mid_write) >= 4, f"only {sum(mid_write)} of 20 kills landed mid-write: the test proved nothing"
+    assert not damaged, damaged[:5]
     assert len(after) == len(keys)
     assert all(run["state"] in ("Cached", "Completed") and run["value_ok"] for run in after), after
     assert not [w for run in after for w in run["warnings"]], "an entry was refused or unreadable"
     hits = sum(run["state"] == "Cached" for run in after)
-    # Every entry file that is visible (not a temporary) passes its checksum.
-    from juicecache.storage import TEMP_PREFIX, EntryHeader, Signer
-
-    files = [path for kind in ("records", "data") for path in (results / kind).iterdir()]
-    for path in files:
-        if not path.name.startswith(TEMP_PREFIX):
-            with open(path, "rb") as handle:
-                header = EntryHeader.from_line(handle.readline())
-                Signer().check(f"{path.parent.name}/{path.name}", header, handle.read())
-    leftovers = sum(path.name.startswith(TEMP_PREFIX) for path in files)
+    assert not visible_entry_problems(results)
+    leftovers = sum(path.name.startswith(".tmp-") for kind in ("records", "data") for path in (results / kind).iterdir())
     fault_report.add(
         f"writer SIGKILLed at a random moment around its writes, 20 times ({len(keys)} entries of 4 MB rewritten each time)",
         "0 wrong or unreadable hits afterwards; every visible entry file passes its checksum",
-        f"{sum(kills)} writers killed before finishing, {leftovers} mid-write (their temporaries stay invisible to readers); "
+        f"{sum(kills)} writers killed before finishing, {sum(mid_write)} of them inside a write "
+        f"({leftovers} temporaries left, invisible to readers); "
         f"afterwards {hits} hits, {len(keys) - hits} misses",
     )
 
@@ -302,6 +310,40 @@ def bodies_run(path: Path, pid: int) -> list[dict]:
     return [line for line in read_markers(path) if line["pid"] == pid]
 
 
-def temporaries(results: Path, pid: int) -> list[Path]:
-    """The temporary files process `pid` is writing (named .tmp-NAME.HOST.PID.RANDOM)."""
-    return [path for kind in ("records", "data") for path in (results / kind).glob(f".tmp-*.{pid}.*")]
+def writing_entry_files(results: Path, pid: int) -> list[str]:
+    """The entry files (records/, data/, temporaries included) process `pid` has open for writing,
+    from /proc: whatever they are named, so in-place writes would count as much as temporaries."""
+    folders = tuple(f"{results / kind}/" for kind in ("records", "data"))
+    found = []
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    for fd in descriptors:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            flags = next(line for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines() if line.startswith("flags:"))
+        except (OSError, StopIteration):
+            continue
+        if target.startswith(folders) and int(flags.split()[1], 8) & (os.O_WRONLY | os.O_RDWR):
+            found.append(target)
+    return found
+
+
+def visible_entry_problems(results: Path) -> list[str]:
+    """Every entry file a reader can see (not a temporary) that fails its checksum, and why."""
+    from juicecache.entryfile import TEMP_PREFIX, EntryHeader, EntryRefused, Signer
+
+    problems = []
+    for path in [path for kind in ("records", "data") if (results / kind).is_dir() for path in (results / kind).iterdir()]:
+        if path.name.startswith(TEMP_PREFIX):
+            continue
+        try:
+            with open(path, "rb") as handle:
+                header = EntryHeader.from_line(handle.readline())
+                Signer().check(f"{path.parent.name}/{path.name}", header, handle.read())
+        except FileNotFoundError:  # replaced between the listing and the open
+            continue
+        except EntryRefused as refused:
+            problems.append(f"{path.parent.name}/{path.name}: {refused}")
+    return problems

@@ -136,37 +136,54 @@ class _CreatesMarker:
         return (open, (str(self.marker), "w"))
 
 
-def crafted_payload(marker: Path) -> bytes:
-    """A payload in the form Prefect's pickle serializer reads (base64 of a pickle)."""
+def raw_payload(marker: Path) -> bytes:
+    """A payload in the form juicecache's own serializer reads ("juicecache-pickle": a raw pickle)."""
+    return pickle.dumps(_CreatesMarker(marker))
+
+
+def base64_payload(marker: Path) -> bytes:
+    """A payload in the form Prefect's "pickle" serializer reads (base64 of a pickle)."""
     return base64.encodebytes(pickle.dumps(_CreatesMarker(marker)))
 
 
 def test_crafted_payloads_are_really_dangerous(tmp_path: Path) -> None:
-    """Guards the next test: the crafted payload does create its marker when unpickled."""
-    marker = tmp_path / "proof"
-    pickle.loads(base64.decodebytes(crafted_payload(marker))).close()
-    assert marker.exists()
+    """Guards the next test: each crafted payload creates its marker when loaded by the very
+    serializer its record names, so only the checks before loading can keep it out."""
+    from prefect.serializers import PickleSerializer
+
+    from juicecache.serializer import RawPickleSerializer
+
+    for name, serializer, make in (
+        ("raw", RawPickleSerializer(), raw_payload), ("base64", PickleSerializer(), base64_payload),
+    ):
+        marker = tmp_path / name
+        serializer.loads(make(marker)).close()
+        assert marker.exists(), name
 
 
 def test_tampered_signed_entries_are_refused_and_never_unpickled(mounted: Sandbox) -> None:
     first, _ = run_items(mounted, "1", "2", "3", extra_env=SIGNING)
     unsigned, forged, edited = (item["key"] for item in first["items"])
     root = cache_folder(mounted)
-    marker = mounted.path / "unpickled-marker"
-    evil = crafted_payload(marker)
+    markers = {case: mounted.path / f"unpickled-{case}" for case in ("unsigned", "forged", "edited")}
     assert read_header(root / "data" / unsigned).algorithm == "hmac-sha256"
+    for key in (unsigned, forged):  # cases 1 and 2 keep the record, which names juicecache's raw pickles
+        assert json.loads((root / "records" / key).read_bytes().split(b"\n", 1)[1])["serializer"]["type"] == "juicecache-pickle"
 
-    # 1. A payload with a correct checksum but no signature (what anyone can write).
+    # 1. A raw pickle with a correct checksum but no signature (what anyone can write).
+    evil = raw_payload(markers["unsigned"])
     digest = hashlib.sha256(f"data/{unsigned}\n".encode() + evil).hexdigest()
     header = EntryHeader(len(evil), digest, "sha256", None, "attacker", time.time(), "compute")
     (root / "data" / unsigned).write_bytes(header.to_line() + evil)
 
-    # 2. A payload that copies a genuine signed header (key id included).
+    # 2. A raw pickle under a copy of a genuine signed header (key id included).
+    evil = raw_payload(markers["forged"])
     genuine = read_header(root / "data" / forged)
     copied = EntryHeader(len(evil), genuine.digest, genuine.algorithm, genuine.key_id, genuine.host, genuine.created, genuine.task)
     (root / "data" / forged).write_bytes(copied.to_line() + evil)
 
     # 3. The record's serializer field edited, its signed header kept, and the payload replaced.
+    evil = base64_payload(markers["edited"])
     record = root / "records" / edited
     head, body = record.read_bytes().split(b"\n", 1)
     metadata = json.loads(body)
@@ -174,10 +191,16 @@ def test_tampered_signed_entries_are_refused_and_never_unpickled(mounted: Sandbo
     tampered = json.dumps(metadata, separators=(",", ":")).encode()
     assert len(tampered) <= len(body)  # same length: only the signature can tell
     record.write_bytes(head + b"\n" + tampered.ljust(len(body)))
+    genuine = read_header(root / "data" / edited)
+    copied = EntryHeader(len(evil), genuine.digest, genuine.algorithm, genuine.key_id, genuine.host, genuine.created, genuine.task)
     (root / "data" / edited).write_bytes(copied.to_line() + evil)
 
-    second, stderr = run_items(mounted, "1", "2", "3", extra_env=SIGNING)
-    assert not marker.exists(), "a tampered entry was unpickled"
+    # The markers are checked first, whatever the run did: an entry unpickled is the failure here.
+    done = mounted.run("-input", "1", "2", "3", "--per-item", "--json", extra_env=SIGNING)
+    unpickled = [case for case, marker in markers.items() if marker.exists()]
+    assert not unpickled, f"tampered entries were unpickled: {unpickled}"
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    second, stderr = json.loads(done.stdout), done.stderr
     assert [item["cache"] for item in second["items"]] == ["miss"] * 3
     assert second["result"] == {"count": 3, "sum": 6, "text": ""}
     lines = warnings(stderr)
@@ -192,7 +215,8 @@ def test_tampered_signed_entries_are_refused_and_never_unpickled(mounted: Sandbo
 def test_an_entry_replaced_since_this_process_read_it_is_read_again(mounted: Sandbox) -> None:
     """A process remembers the entry files it checked (Prefect reads a hit's record twice, then its
     payload). An entry another run replaced since, on this host or another, is read anew."""
-    from juicecache.storage import DATA, RECORDS, EntryStorage, Signer, StoreConfig
+    from juicecache.entryfile import DATA, RECORDS, Signer
+    from juicecache.storage import EntryStorage, StoreConfig
 
     config = StoreConfig(cache_folder(mounted), Signer())
     records, data = (EntryStorage.create(kind, lambda: config) for kind in (RECORDS, DATA))

@@ -113,11 +113,14 @@ def test_start_and_stop_are_idempotent_and_data_survives_a_restart(tmp_path: Pat
     (source / "small.txt").write_text("kept across restarts\n")
     (source / "big.bin").write_bytes(os.urandom(3 << 20))
     try:
+        started = time.monotonic()
         start_stack(cfg)
+        first_start = time.monotonic() - started
         first = pids(cfg)
         started = time.monotonic()
         start_stack(cfg)
-        assert time.monotonic() - started < 1 and pids(cfg) == first  # already running: nothing new
+        # Already running: nothing new is started, which takes a fraction of a real start.
+        assert time.monotonic() - started < first_start / 2 and pids(cfg) == first
         redis_client(cfg).set("probe", "still here")
         done = format_volume(cfg, "restartvol")
         assert done.returncode == 0, done.stderr

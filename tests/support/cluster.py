@@ -24,6 +24,7 @@ from pathlib import Path
 from juicecache.stack import free_ports
 from tests.conftest import MAIN, REPO, force_unmount, stop_group, wait_until
 from tests.support import netns
+from tests.support.exec_log import ExecLog
 
 
 @dataclass
@@ -37,7 +38,9 @@ class Machine:
     env: dict[str, str]
     path: Path
     umask: int | None = None  # the umask its commands start with (None: inherited)
+    python: str = sys.executable  # a shim venv's (see exec_log) when its commands' children are logged
     transcript: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)  # every command line it started, as `ps` shows them
 
     @property
     def mount_point(self) -> Path:
@@ -48,7 +51,9 @@ class Machine:
         return Path(self.env["JFS_CACHE_DIR"])
 
     def argv(self, *args: str, script: Path = MAIN) -> list[str]:
-        return [sys.executable, str(script), *args]
+        argv = [self.python, str(script), *args]
+        self.commands.append(" ".join(argv))
+        return argv
 
     def _start(self) -> dict:
         return {} if self.umask is None else {"umask": self.umask}
@@ -83,6 +88,14 @@ class Cluster:
     path: Path  # everything the cluster writes lives under here
     env: dict[str, str]  # the shared settings every host uses (secrets included)
     storage_env: dict[str, str]
+    exec_log: ExecLog | None = None  # every juicefs/weed/redis-server command line, if asked for
+    transcript: list[str] = field(default_factory=list)  # what every `stack` command printed
+    others: dict[str, Machine] = field(default_factory=dict)  # client hosts beyond A and B (`extra_hosts`), by name
+
+    @property
+    def hosts(self) -> dict[str, Machine]:
+        """Every client host by name: "a", "b", then any `extra_hosts`."""
+        return {"a": self.a, "b": self.b, **self.others}
 
     @property
     def machines(self) -> tuple[Machine, Machine]:
@@ -100,7 +113,9 @@ class Cluster:
 
     def stack(self, action: str) -> subprocess.CompletedProcess[str]:
         """`main.py stack up|down|status` on the storage host: `up` starts whatever is not running."""
-        return stack_command(self.storage, self.storage_env, action)
+        done = stack_command(self.storage, self.storage_env, action, self.exec_log)
+        self.transcript.append(done.stdout + done.stderr)
+        return done
 
     def stop_service(self, name: str, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> None:
         """Stop one of the stack's processes ("redis", "weed" or "s3") by the pid file it left."""
@@ -118,12 +133,16 @@ def shared_env(path: Path, storage_ip: str, ports: dict[str, int], **secret_valu
     env_file = path / "shared.env"
     env_file.write_text("")
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("JFS_", "JUICECACHE_", "PREFECT_", "META_"))}
+    meta_url = (
+        f"postgres://juicefs@{storage_ip}:{ports['postgres']}/juicefs?sslmode=disable" if "postgres" in ports
+        else f"redis://{storage_ip}:{ports['redis']}/1"
+    )
     return {
         **inherited,
         "PYTHONPATH": str(REPO),  # scripts beside the tests (user flows) import this checkout's juicecache
         "JUICECACHE_ENV_FILE": str(env_file),
         "JFS_NAME": "sharedvol",
-        "JFS_META_URL": f"redis://{storage_ip}:{ports['redis']}/1",
+        "JFS_META_URL": meta_url,
         "JFS_STORAGE": "s3",
         "JFS_BUCKET": f"http://{storage_ip}:{ports['s3']}/juicecache",
         "PREFECT_API_URL": f"http://{storage_ip}:{ports['prefect']}/api",
@@ -142,26 +161,48 @@ def machine_env(base: dict[str, str], path: Path, name: str) -> dict[str, str]:
 
 
 @contextmanager
-def running_cluster(path: Path, access_key: str = "juicecache", signing_key: str = "", umask: int | None = None) -> Iterator[Cluster]:
-    """Start the storage host and mount the volume on A and B; tear it all down on exit, even on error."""
+def running_cluster(
+    path: Path, access_key: str = "juicecache", signing_key: str = "", umask: int | None = None, log_execs: bool = False,
+    extra_hosts: tuple[str, ...] = (), mount_options: dict[str, str] | None = None, postgres: bool = False,
+) -> Iterator[Cluster]:
+    """Start the storage host and mount the volume on A and B; tear it all down on exit, even on error.
+
+    `log_execs`: every command juicecache starts goes through an `ExecLog` shim (the cluster's `exec_log`).
+    `extra_hosts`: more client hosts ("c", ...), mounting the volume as A and B do (`Cluster.others`).
+    `mount_options`: JFS_MOUNT_OPTIONS by client host name (e.g. a shorter `--heartbeat`).
+    `postgres`: the PostgreSQL profile: the storage host's stack runs PostgreSQL instead of Redis,
+    for JuiceFS's metadata and as the Prefect server's database (`path` must then be reachable
+    by the user postgres: not under pytest's 0700 folder)."""
     secret_values = {
         "META_PASSWORD": secrets.token_hex(8),
         "JFS_ACCESS_KEY": access_key,
         "JFS_SECRET_KEY": secrets.token_hex(12),
         **({"JUICECACHE_SIGNING_KEY": signing_key} if signing_key else {}),
     }
-    with netns.network(["storage", "a", "b"]) as hosts:
+    clients = ("a", "b", *extra_hosts)
+    with netns.network(["storage", *clients]) as hosts:
         storage = hosts["storage"]
         # Free in the root namespace too: SeaweedFS also listens on unix sockets named by port.
         base = free_ports(10)
-        ports = {"redis": base, "s3": base + 1, "prefect": base + 9}
+        ports = {"postgres" if postgres else "redis": base, "s3": base + 1, "prefect": base + 9}
+        execs = ExecLog(path / "exec-shims") if log_execs else None
         env = shared_env(path, storage.ip, ports, **secret_values)
+        if execs is not None:
+            env = execs.env(env)
         storage_env = {**env, "JUICECACHE_ROOT": str(path / "storage"), "PREFECT_HOME": str(path / "storage" / "prefect")}
+        if postgres:  # the stack sets the prefect role's password; the server fills it into the URL
+            storage_env |= {
+                "PREFECT_SERVER_DATABASE_PASSWORD": secrets.token_hex(8),
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL":
+                    f"postgresql+asyncpg://prefect:${{PREFECT_SERVER_DATABASE_PASSWORD}}@{storage.ip}:{base}/prefect",
+            }
         (path / "storage").mkdir()
         server = None
         machines: list[Machine] = []
+        transcript: list[str] = []
         try:
-            up = stack_command(storage, storage_env, "up")
+            up = stack_command(storage, storage_env, "up", execs)
+            transcript.append(up.stdout + up.stderr)
             assert up.returncode == 0, up.stdout + up.stderr
             with open(path / "storage" / "prefect-server.log", "wb") as log:
                 server = storage.popen(
@@ -169,20 +210,25 @@ def running_cluster(path: Path, access_key: str = "juicecache", signing_key: str
                     env={**storage_env, "PREFECT_API_URL": ""}, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
-            for name in ("a", "b"):
-                machine = Machine(hosts[name], machine_env(env, path, name), path / name, umask)
+            for name in clients:
+                options = {"JFS_MOUNT_OPTIONS": mount_options[name]} if mount_options and name in mount_options else {}
+                machine = Machine(
+                    hosts[name], {**machine_env(env, path, name), **options}, path / name, umask, execs.python if execs else sys.executable
+                )
                 machines.append(machine)
                 mounted = machine.run("mount", timeout=90)
                 assert mounted.returncode == 0, mounted.stderr
             health = [sys.executable, "-c", f"import urllib.request; urllib.request.urlopen('{env['PREFECT_API_URL']}/health', timeout=1)"]
-            assert wait_until(lambda: hosts["a"].run(health, capture_output=True).returncode == 0, timeout=120)
-            yield Cluster(storage, machines[0], machines[1], ports, path, env, storage_env)
+            # on PostgreSQL the server first runs its migrations there: slower on a busy machine
+            assert wait_until(lambda: hosts["a"].run(health, capture_output=True).returncode == 0, timeout=240 if postgres else 120)
+            others = dict(zip(clients[2:], machines[2:], strict=True))
+            yield Cluster(storage, machines[0], machines[1], ports, path, env, storage_env, execs, transcript, others)
         finally:
             for machine in machines:
                 force_unmount(machine.mount_point)
             if server is not None:
                 stop_group(server)
-            stack_command(storage, storage_env, "down")
+            stack_command(storage, storage_env, "down", execs)
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -191,9 +237,11 @@ def running_cluster(path: Path, access_key: str = "juicecache", signing_key: str
 CLI = "import sys; from juicecache.cli import main; sys.exit(main())"
 
 
-def stack_command(storage: netns.Host, storage_env: dict[str, str], action: str) -> subprocess.CompletedProcess[str]:
+def stack_command(
+    storage: netns.Host, storage_env: dict[str, str], action: str, execs: ExecLog | None = None
+) -> subprocess.CompletedProcess[str]:
     return storage.run(
-        [sys.executable, "-c", CLI, "stack", action], env=storage_env, capture_output=True, text=True, timeout=120,
+        [execs.python if execs else sys.executable, "-c", CLI, "stack", action], env=storage_env, capture_output=True, text=True, timeout=120,
         cwd=storage_env["JUICECACHE_ROOT"],
     )
 

@@ -1,10 +1,17 @@
-"""A user flow for the multi-host tests: `python marker_flow.py MARKER_DIR TOKEN`.
+"""A user flow for the multi-host tests: `python marker_flow.py MARKER_DIR TOKEN [START_AT]`.
 
 Its cached task leaves one uniquely named file in MARKER_DIR each time its body runs
-(unique names, so two bodies running at once could never hide each other), then prints
-the value. The key is the token alone: the marker folder differs between hosts.
+(unique names, so two bodies running at once could never hide each other), holding the
+body's start and end times, then prints the value. The key is the token alone: the
+marker folder differs between hosts.
+
+START_AT (epoch seconds) is a start barrier: the process imports everything first, then
+waits until then, so that processes started one after another (Prefect's import alone
+takes seconds on a busy machine) still look the key up at the same time. The last line
+printed, {"began": EPOCH}, says when this process called the task (began its lookup).
 """
 
+import json
 import os
 import secrets
 import socket
@@ -16,19 +23,29 @@ from pathlib import Path
 from juicecache import cached_task
 from prefect import flow
 
+WORK_SECONDS = 2.0
+began: list[float] = []
+
 
 @cached_task(cache_key_fn=lambda context, parameters: parameters["token"])
 def expensive(token: str, marker_dir: str) -> str:
     Path(marker_dir).mkdir(exist_ok=True)
-    (Path(marker_dir) / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}").touch()
-    time.sleep(2)
+    marker = Path(marker_dir) / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    started = time.time()
+    marker.touch()
+    time.sleep(WORK_SECONDS)
+    marker.write_text(json.dumps({"start": started, "end": time.time()}))
     return f"value-{token}"
 
 
 @flow
 def marker_flow(marker_dir: str, token: str) -> str:
+    began.append(time.time())
     return expensive(token, marker_dir)
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 3:
+        time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
     print(marker_flow(sys.argv[1], sys.argv[2]))
+    print(json.dumps({"began": began[0]}))
