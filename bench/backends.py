@@ -6,10 +6,12 @@ Everything lives in one throwaway folder and on free loopback ports:
 - `jfs-sqlite`: JuiceFS with SQLite metadata and a local folder as object storage (the embedded default);
 - `jfs-s3`: JuiceFS with Redis metadata and S3 object storage (the shared profile), on the
   project's own local stack (redis-server + SeaweedFS S3, `juicecache.stack`);
+- `jfs-pg`: the same with PostgreSQL metadata (the PostgreSQL profile), on the same stack's
+  PostgreSQL (a volume per profile: the cloud one in its own schema, `&search_path=cloud`);
 - `s3fs`: the same S3 bucket mounted with s3fs-fuse, the "mounted S3 volume" alternative;
 - `s3-direct`: Prefect writing results straight to the bucket through fsspec/s3fs (no mount).
 
-In the cloud-like profile the S3 and Redis clients reach the stack through the delay proxy
+In the cloud-like profile the S3, Redis and PostgreSQL clients reach the stack through the delay proxy
 (`bench.proxy`), so every backend but the two local ones pays a network round trip.
 The JuiceFS backends get a second mount of the same volume, with its own cache folder:
 the second client, for the cold-hit measurement.
@@ -30,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from juicecache.settings import Settings, load_settings
-from juicecache.stack import REGION, StackConfig, free_ports, start_stack, stop_stack
+from juicecache.stack import REGION, StackConfig, free_ports, postgres_sql, start_stack, stop_stack
 from juicecache.volume import mount_volume, unmount_volume
 
 RESULTS_DIR = "prefect-cache"
@@ -66,6 +68,7 @@ class Profile:
     backends: list[Backend]
     redis_port: int  # what clients connect to (the stack, or the proxy in front of it)
     s3_port: int
+    postgres_port: int
 
 
 class Lab:
@@ -76,7 +79,11 @@ class Lab:
         self.exits = ExitStack()
         self.secret_key = secrets.token_hex(16)
         self.redis_password = secrets.token_hex(12)
-        self.stack = StackConfig.for_tests(workdir / "stack", redis_password=self.redis_password, secret_key=self.secret_key)
+        self.postgres_password = secrets.token_hex(12)
+        self.stack = StackConfig.for_tests(
+            workdir / "stack", postgres=True, redis_password=self.redis_password, postgres_password=self.postgres_password,
+            secret_key=self.secret_key,
+        )
         self.base = self._base_settings()
 
     def close(self) -> None:
@@ -95,10 +102,12 @@ class Lab:
         self.exits.callback(stop_stack, self.stack)
         start_stack(self.stack)
 
-    def start_proxy(self) -> tuple[int, int]:
-        """The delay proxy in front of Redis and S3; returns (redis port, s3 port) to use."""
-        base = free_ports(2)
-        routes = [f"{base}:{self.stack.redis_port}:{REDIS_DELAY_MS}", f"{base + 1}:{self.stack.s3_port}:{S3_DELAY_MS}"]
+    def start_proxy(self) -> tuple[int, int, int]:
+        """The delay proxy in front of Redis, S3 and PostgreSQL; returns (redis port, s3 port, postgres port) to use.
+        PostgreSQL gets Redis's delay: both are the metadata engine, a LAN hop away."""
+        base = free_ports(3)
+        routes = [f"{base}:{self.stack.redis_port}:{REDIS_DELAY_MS}", f"{base + 1}:{self.stack.s3_port}:{S3_DELAY_MS}",
+                  f"{base + 2}:{self.stack.postgres_port}:{REDIS_DELAY_MS}"]
         proxy = subprocess.Popen(
             [sys.executable, "-m", "bench.proxy", *routes], stdout=subprocess.PIPE, text=True,
             cwd=Path(__file__).resolve().parent.parent,
@@ -106,19 +115,24 @@ class Lab:
         self.exits.callback(_stop_process, proxy)
         if proxy.stdout is None or proxy.stdout.readline().strip() != "ready":
             raise RuntimeError("the latency proxy did not start")
-        return base, base + 1
+        return base, base + 1, base + 2
 
-    def profile(self, name: str, redis_port: int, s3_port: int, embedded: Backend) -> Profile:
+    def profile(self, name: str, redis_port: int, s3_port: int, postgres_port: int, embedded: Backend) -> Profile:
         endpoint = f"http://{self.stack.host}:{s3_port}"
+        pg_url = f"postgres://{self.stack.postgres_user}@{self.stack.host}:{postgres_port}/{self.stack.postgres_db}?sslmode=disable"
+        if name != "loopback":  # one volume per database or schema
+            postgres_sql(self.stack, f"CREATE SCHEMA IF NOT EXISTS {name} AUTHORIZATION {self.stack.postgres_user};", self.stack.postgres_db)
+            pg_url += f"&search_path={name}"
         backends = [
             self.local_folder(name),
             embedded,
             self.juicefs(f"shared-{name}", f"redis://{self.stack.host}:{redis_port}/{1 if name == 'loopback' else 2}",
                          "s3", f"{endpoint}/{self.stack.bucket}", slug="jfs-s3", title="JuiceFS Redis+S3"),
+            self.juicefs(f"pg-{name}", pg_url, "s3", f"{endpoint}/{self.stack.bucket}", slug="jfs-pg", title="JuiceFS PostgreSQL+S3"),
             self.s3fs_fuse(name, endpoint),
             Backend("s3-direct", "S3 direct (fsspec)", "s3", f"s3://{self.stack.bucket}/direct-{name}", endpoint=endpoint),
         ]
-        return Profile(name, backends, redis_port, s3_port)
+        return Profile(name, backends, redis_port, s3_port, postgres_port)
 
     def local_folder(self, profile: str) -> Backend:
         root = self.workdir / "local" / profile / RESULTS_DIR
@@ -145,7 +159,7 @@ class Lab:
             self.base, volume_name=volume, meta_url=meta_url, storage=storage, bucket=bucket,
             mount_point=mount_point, cache_dir=self.workdir / volume / f"cache-{client}",
             access_key=self.stack.access_key if shared else "", secret_key=self.secret_key if shared else "",
-            meta_password=self.redis_password if meta_url.startswith("redis") else "",
+            meta_password={"redis": self.redis_password, "postgres": self.postgres_password}.get(meta_url.split("://")[0], ""),
             mount_options=tuple(os.environ.get("BENCH_JFS_MOUNT_OPTIONS", "").split()),
         )
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy
 
 MIB = 1 << 20
-JUICEFS = ("jfs-sqlite", "jfs-s3")
+JUICEFS = ("jfs-sqlite", "jfs-s3", "jfs-pg")
 LATENCY_NOTE = (
     "Latency in the cloud-like profile is emulated by a userspace TCP delay proxy (`bench/proxy.py`) placed in "
-    "front of the S3 server ({s3} ms each way) and Redis ({redis} ms each way), because this machine's kernel has no "
+    "front of the S3 server ({s3} ms each way) and Redis and PostgreSQL ({redis} ms each way), because this machine's kernel has no "
     "`sch_netem`, so `tc netem` is unavailable. It is a fair stand-in for what the profile asks: like netem's delay, "
     "the proxy holds every chunk of bytes for a fixed time in each direction, so each request/response exchange costs "
     "one more round trip and a new connection one more (the TCP handshake), while bandwidth stays that of loopback. "
@@ -83,11 +83,22 @@ def verdicts(results: dict) -> list[Verdict]:
                                  e2e <= 1.5 and e2e - floor <= 0.7))
         levels = sorted(int(m.rsplit("_", 1)[1]) for m in s if m.startswith("scale_hit_"))
         if levels:
-            for slug in volumes:
+            for slug in [v for v in volumes if v in s[f"scale_hit_{levels[0]}"]]:  # not PostgreSQL: see worker.scale
                 low, high = median(s[f"scale_hit_{levels[0]}"][slug]), median(s[f"scale_hit_{levels[-1]}"][slug])
                 found.append(Verdict(f"{names[slug]} hit at {levels[-1]:,} entries <= 1.2x at {levels[0]:,}", profile,
                                      f"{high * 1000:.1f} ms vs {low * 1000:.1f} ms = {high / low:.2f}x", high / low <= 1.2))
     return found
+
+
+def postgres_vs_redis(data: dict) -> str | None:
+    """PostgreSQL against Redis as the metadata engine, same run, same S3: the small-result hit and miss."""
+    s = data["samples"]
+    if "jfs-pg" not in data["backends"] or "jfs-s3" not in data["backends"]:
+        return None
+    hit_pg, hit_redis = median(s["small_hit"]["jfs-pg"]), median(s["small_hit"]["jfs-s3"])
+    miss_pg, miss_redis = median(s["small_miss"]["jfs-pg"]), median(s["small_miss"]["jfs-s3"])
+    return (f"PostgreSQL metadata vs Redis: small hit {hit_pg * 1000:.1f} ms vs {hit_redis * 1000:.1f} ms = "
+            f"{hit_pg / hit_redis:.2f}x; miss+write {miss_pg * 1000:.1f} ms vs {miss_redis * 1000:.1f} ms = {miss_pg / miss_redis:.2f}x")
 
 
 def write(results: dict, out: Path) -> None:
@@ -100,6 +111,9 @@ def write(results: dict, out: Path) -> None:
     print()
     for verdict in found:
         print(f"{'PASS' if verdict.passed else 'MISS'}  [{verdict.profile}] {verdict.target}: {verdict.measured}")
+    for profile, data in results["profiles"].items():
+        if (line := postgres_vs_redis(data)) is not None:
+            print(f"INFO  [{profile}] {line}")
 
 
 def _ms(values: list[float]) -> str:
@@ -120,7 +134,7 @@ def markdown(results: dict, found: list[Verdict]) -> str:
         "",
         f"- Machine: {meta['machine']}; shared with other work, so expect noise: compare the ratios, measured in the same run.",
         "- Versions: " + ", ".join(f"{name} {version}" for name, version in meta["versions"].items()) + ".",
-        "- Every service ran on this machine on loopback: redis-server, SeaweedFS (S3, with SigV4 auth), "
+        "- Every service ran on this machine on loopback: redis-server, PostgreSQL, SeaweedFS (S3, with SigV4 auth), "
         "a Prefect server, the JuiceFS and s3fs-fuse mounts.",
         f"- {LATENCY_NOTE.format(s3=meta['delays_ms']['s3_one_way'], redis=meta['delays_ms']['redis_one_way'])}",
         "- Timings are task-level (one task run through Prefect's engine inside a flow), medians with p95, "
@@ -154,6 +168,8 @@ def markdown(results: dict, found: list[Verdict]) -> str:
                 f"| {name} | {_ms(hit)} | {median(hit) / median(s['small_hit']['local']):.2f}x | "
                 f"{_ms(miss)} | {median(miss) / median(s['small_miss']['local']):.2f}x |"
             )
+        if (line := postgres_vs_redis(data)) is not None:
+            lines += ["", f"{line} (same run, same S3)."]
         for mib in meta["plan"]["sizes_mib"]:
             lines += [
                 "",

