@@ -261,7 +261,8 @@ def end_to_end(built: Lab, profile: Profile, plan: Plan, api_url: str, no_server
         for slug, env in envs.items():
             add("e2e_hit", slug, _demo(env, values, expect="hit"))
     if no_server:
-        env = {**envs["jfs-sqlite"], "PREFECT_API_URL": "", "PREFECT_UI_PORT": str(free_ports(1))}
+        # Prefect's temporary server, as a run without a server and without the background one gets.
+        env = {**envs["jfs-sqlite"], "PREFECT_API_URL": "", "PREFECT_UI_PORT": str(free_ports(1)), "JUICECACHE_BACKGROUND_SERVER": "0"}
         for _ in range(plan.e2e_no_server):
             add("e2e_hit_no_server", "jfs-sqlite", _demo(env, values, expect="hit"))
     return samples

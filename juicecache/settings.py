@@ -41,6 +41,7 @@ DEFAULTS: dict[str, str] = {
     "JUICECACHE_LOCK_TIMEOUT": "300",
     "JUICECACHE_REQUIRE_VOLUME": "0",
     "JUICECACHE_READ_ONLY": "0",
+    "JUICECACHE_BACKGROUND_SERVER": "1",
     "PREFECT_HOME": f"{STATE_DIR}/prefect",
     "PREFECT_API_URL": "",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -76,6 +77,7 @@ class Settings:
     lock_timeout: float
     require_volume: bool  # fail instead of caching in the local fallback folder
     read_only: bool  # serve hits, write nothing (a consumer that must not change the cache)
+    background_server: bool  # demo runs start a Prefect server in the background when none answers
     prefect_home: Path
     prefect_api_url: str
     ui_host: str
@@ -202,6 +204,7 @@ def load_settings(root: Path | None = None) -> Settings:
         lock_timeout=_positive_float("JUICECACHE_LOCK_TIMEOUT", get("JUICECACHE_LOCK_TIMEOUT")),
         require_volume=_flag("JUICECACHE_REQUIRE_VOLUME", get("JUICECACHE_REQUIRE_VOLUME")),
         read_only=_flag("JUICECACHE_READ_ONLY", get("JUICECACHE_READ_ONLY")),
+        background_server=_flag("JUICECACHE_BACKGROUND_SERVER", get("JUICECACHE_BACKGROUND_SERVER")),
         prefect_home=path("PREFECT_HOME"),
         prefect_api_url=os.environ.get("PREFECT_API_URL", "").strip(),
         ui_host=get("PREFECT_UI_HOST"),

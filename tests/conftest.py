@@ -144,6 +144,9 @@ def sandbox_env(path: Path, api_url: str) -> dict[str, str]:
         "JFS_MOUNT_POINT": str(path / "mnt"),
         "JFS_CACHE_DIR": str(path / "cache"),
         "JUICECACHE_FALLBACK_DIR": str(path / "fallback"),
+        # Runs always have a server (PREFECT_API_URL); a test that takes it away gets Prefect's
+        # temporary one, never a background server that would outlive the test.
+        "JUICECACHE_BACKGROUND_SERVER": "0",
         "PREFECT_HOME": str(path / "prefect"),
         "PREFECT_API_URL": api_url,
     }

@@ -10,10 +10,11 @@ import sys
 import time
 import urllib.request
 from datetime import UTC, datetime
+from pathlib import Path
 
 from juicecache.entryfile import read_header
 from juicecache.volume import MountState, mount_info
-from tests.conftest import MAIN, Sandbox, is_mounted, wait_until
+from tests.conftest import MAIN, Sandbox, free_port, is_mounted, wait_until
 
 
 def run_json(box: Sandbox, *values: str, extra: tuple[str, ...] = ()) -> tuple[dict, float]:
@@ -121,3 +122,37 @@ def test_demo_runs_send_heartbeats_only_when_asked(sandbox: Sandbox, prefect_api
     asked_name, quiet_name = f"inputs {asked!r}", f"inputs {quiet!r}"
     assert wait_until(lambda: asked_name in heartbeat_runs(prefect_api, since), 60), "the server never recorded the asked-for heartbeat"
     assert quiet_name not in heartbeat_runs(prefect_api, since)
+
+
+def test_a_background_server_is_started_once_reused_and_stopped(sandbox: Sandbox) -> None:
+    """Without PREFECT_API_URL, the first run starts a server on PREFECT_UI_HOST:PREFECT_UI_PORT
+    in the background; the next run reports to it; `server stop` stops it."""
+    port = free_port()
+    env = {"PREFECT_API_URL": "", "PREFECT_UI_PORT": str(port), "JUICECACHE_BACKGROUND_SERVER": "1", "JUICECACHE_ROOT": str(sandbox.path)}
+    try:
+        first = sandbox.run("-input", "7", extra_env=env, timeout=240)
+        assert first.returncode == 0, first.stderr
+        assert f"server at http://127.0.0.1:{port}/api" in first.stdout and "started in the background" in first.stdout
+        pid = int((sandbox.path / ".juicecache" / "prefect-server.pid").read_text())
+        second = sandbox.run("-input", "7", extra_env=env)
+        assert second.returncode == 0 and "cache hit" in second.stdout
+        assert f"server at http://127.0.0.1:{port}/api" in second.stdout and "started" not in second.stdout
+        assert sandbox.run("server", "status", extra_env=env).returncode == 0
+    finally:
+        stopped = sandbox.run("server", "stop", extra_env=env)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
+    assert sandbox.run("server", "status", extra_env=env).returncode == 1
+    assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=30)
+
+
+def test_a_port_taken_by_something_else_falls_back_to_a_temporary_server(sandbox: Sandbox) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        env = {"PREFECT_API_URL": "", "PREFECT_UI_PORT": str(port), "JUICECACHE_BACKGROUND_SERVER": "1", "JUICECACHE_ROOT": str(sandbox.path)}
+        done = sandbox.run("-input", "8", extra_env=env, timeout=240)
+    assert done.returncode == 0, done.stderr
+    [warning] = [line for line in done.stderr.splitlines() if "temporary Prefect server" in line]
+    assert f"port {port}" in warning and "taken" in warning
+    assert not (sandbox.path / ".juicecache" / "prefect-server.pid").exists()

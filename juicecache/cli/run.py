@@ -153,7 +153,8 @@ def parse_value(text: str) -> int | float | str:
 
 def prepare_prefect(settings: Settings, verbose: bool = False) -> str:
     """Point Prefect at a server: PREFECT_API_URL's, else the one on PREFECT_UI_HOST:PREFECT_UI_PORT,
-    started in the background if none answers there (see `prefect_server`). Returns what it chose.
+    started in the background if none answers there (see `prefect_server`; not with
+    JUICECACHE_BACKGROUND_SERVER=0). Returns what it chose.
 
     An explicit PREFECT_API_URL that does not answer is an error, not a silent fallback:
     the runs would go missing from the UI the user is watching. A background server that
@@ -173,6 +174,8 @@ def prepare_prefect(settings: Settings, verbose: bool = False) -> str:
     server = BackgroundServer.of(settings)
     started = ""
     if not server.answers():
+        if not settings.background_server:
+            return f"temporary server (start `{invocation('ui')}` to keep run history in the UI)"
         try:
             server.start(settings)
         except ServerUnavailable as exc:
