@@ -31,6 +31,7 @@ pytestmark = [
 
 MARKER_FLOW = Path(__file__).parent / "support" / "marker_flow.py"
 BARRIER_MAIN = Path(__file__).parent / "support" / "barrier_main.py"
+POLICY_FLOWS = Path(__file__).parent / "support" / "policy_flows.py"
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +300,17 @@ def test_refresh_on_a_while_b_reads_serves_b_the_refreshed_entry(cluster: Cluste
     reads = [json.loads(out) for out, _ in outputs]
     assert [(read["cache"], read["computed_on"]) for read in reads] == [("hit", "refreshed")] * 3
     assert {json.dumps(read["result"], sort_keys=True) for read in reads} == {json.dumps(original["result"], sort_keys=True)}
+
+
+def test_a_plain_task_with_the_shared_policy_shares_entries_across_hosts(cluster: Cluster, tmp_path: Path) -> None:
+    """`@task(cache_policy=juicecache.shared(INPUTS), result_storage=juicecache.shared_storage(), ...)`."""
+    markers = str(tmp_path / "markers")  # an argument, so part of the key: the same string on both hosts
+    x = str(secrets.randbelow(10**9))
+    first = cluster.a.run("plain", markers, x, script=POLICY_FLOWS)
+    assert first.returncode == 0, first.stderr[-2000:]
+    on_b = cluster.b.run("plain", markers, x, script=POLICY_FLOWS)
+    assert on_b.returncode == 0, on_b.stderr[-2000:]
+    assert json.loads(first.stdout.splitlines()[-1])["state"] == "Completed"
+    reread = json.loads(on_b.stdout.splitlines()[-1])
+    assert (reread["state"], reread["result"]) == ("Cached", int(x) + 300)
+    assert len(list((tmp_path / "markers").iterdir())) == 1
