@@ -36,8 +36,10 @@ def test_report_counts_hits_and_misses_per_task(mounted: Sandbox, tmp_path: Path
     assert 2 * 0.5 < alpha["saved_seconds"] < 2 * 1.5 and 0.2 < beta["saved_seconds"] < 1.0
     assert alpha["entries"] == 2 and beta["entries"] == 2
     assert alpha["bytes_served"] > 0 and alpha["top_hosts"][0]["entries"] == 2
+    # The fleet's totals are the sum over every task (the session's server also holds other tests' runs).
     fleet = found["fleet"]
-    assert (fleet["runs"], fleet["hits"]) == (7, 3)
+    assert fleet["runs"] == sum(task["runs"] for task in found["tasks"]) >= 7
+    assert fleet["hits"] == sum(task["hits"] for task in found["tasks"]) >= 3
 
     only = report(mounted, "--task", "beta")
     assert [task["task"] for task in only["tasks"]] == ["beta"]
