@@ -61,8 +61,9 @@ def test_computed_on_a_is_a_hit_on_b(cluster: Cluster) -> None:
 
 
 def barrier(processes: int) -> float:
-    """A start time every process waits for, once imported: 8 Prefect imports on 2 cores take a while."""
-    return time.time() + 6 + 1.5 * processes
+    """A start time every process waits for, once imported (and, for the marker flow, once its
+    flow run exists): 8 Prefect imports and flow-run creations on 2 cores take a while."""
+    return time.time() + 6 + 2.5 * processes
 
 
 def test_concurrent_runs_on_both_hosts_compute_once(cluster: Cluster, tmp_path: Path) -> None:

@@ -5,9 +5,10 @@ Its cached task leaves one uniquely named file in MARKER_DIR each time its body 
 body's start and end times, then prints the value. The key is the token alone: the
 marker folder differs between hosts.
 
-START_AT (epoch seconds) is a start barrier: the process imports everything first, then
-waits until then, so that processes started one after another (Prefect's import alone
-takes seconds on a busy machine) still look the key up at the same time. The last line
+START_AT (epoch seconds) is a start barrier, inside the flow: the process imports
+everything and creates its flow run first (Prefect's import and a busy server's flow-run
+creation take seconds on a loaded machine, unevenly), then waits until then, so that
+processes started one after another still look the key up at the same time. The last line
 printed, {"began": EPOCH}, says when this process called the task (began its lookup).
 """
 
@@ -41,13 +42,12 @@ def expensive(token: str, marker_dir: str) -> str:
 
 
 @flow
-def marker_flow(marker_dir: str, token: str) -> str:
+def marker_flow(marker_dir: str, token: str, start_at: float = 0.0) -> str:
+    time.sleep(max(0.0, start_at - time.time()))
     began.append(time.time())
     return expensive(token, marker_dir)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 3:
-        time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
-    print(marker_flow(sys.argv[1], sys.argv[2]))
+    print(marker_flow(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 0.0))
     print(json.dumps({"began": began[0]}))
