@@ -395,22 +395,12 @@ class Soak:
             finally:
                 thaw_client(pids)
             fault.end = time.time()
-        elif kind == "Redis restarted":
-            down = self.random.uniform(1.0, 4.0)
+        elif kind in ("Redis restarted", "S3 stopped"):
+            service, shortest, longest = ("redis", 1.0, 4.0) if kind == "Redis restarted" else ("s3", 3.0, 8.0)
+            down = self.random.uniform(shortest, longest)
             fault = Fault(kind, None, time.time())
             try:
-                self.cluster.stop_service("redis")
-                time.sleep(down)
-            finally:
-                up = self.cluster.stack("up")
-            assert up.returncode == 0, up.stdout + up.stderr
-            fault.end = time.time()
-            fault.detail = f"down {fault.end - fault.start:.0f} s"
-        elif kind == "S3 stopped":
-            down = self.random.uniform(3.0, 8.0)
-            fault = Fault(kind, None, time.time())
-            try:
-                self.cluster.stop_service("s3")
+                self.cluster.stop_service(service)
                 time.sleep(down)
             finally:
                 up = self.cluster.stack("up")
