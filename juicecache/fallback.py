@@ -9,6 +9,7 @@ run, and only on the fallback. `JUICECACHE_REQUIRE_VOLUME=1` makes it an error i
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from uuid import UUID
@@ -19,7 +20,9 @@ FALLBACK_TAG = "juicecache:local-fallback"
 FALLBACK_ARTIFACT = "juicecache-fallback"
 logger = logging.getLogger("juicecache")
 
-_shown: set[UUID] = set()
+# Flow runs already marked, the most recent ones (a long-lived worker runs many).
+_shown: collections.OrderedDict[UUID, None] = collections.OrderedDict()
+_REMEMBERED = 1024
 _guard = threading.Lock()
 
 
@@ -36,7 +39,9 @@ def show_fallback(location: CacheLocation) -> None:
     with _guard:
         if run.id in _shown:
             return
-        _shown.add(run.id)
+        _shown[run.id] = None
+        while len(_shown) > _REMEMBERED:
+            _shown.popitem(last=False)
     try:
         _tag_and_explain(run.id, location)
     except Exception as exc:  # the UI hint must never fail the run it describes
