@@ -94,8 +94,8 @@ def test_the_demo_parser_fails_with_a_usage_error() -> None:
 @pytest.mark.parametrize(
     "argv0, name, hint",
     [
-        ("/work/venv/bin/juicecache", "juicecache", "juicecache ui"),
-        ("/work/repo/main.py", "main.py", "python main.py ui"),
+        ("/opt/venv/bin/juicecache", "juicecache", "juicecache ui"),
+        ("/home/user/project/main.py", "main.py", "python main.py ui"),
         ("-c", "main.py", "python main.py ui"),
     ],
 )
