@@ -23,7 +23,8 @@ from juicecache import cached_task
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-WORK_SECONDS = 1.5
+# Long enough that 4 processes released by the barrier all begin before it ends on a loaded machine.
+WORK_SECONDS = 4.0
 
 
 def mark(marker_dir: str, x: int) -> None:
@@ -54,7 +55,8 @@ def plain(x: int, marker_dir: str) -> int:
 
 
 @flow(name="policies")
-def policies(shape: str, x: int, marker_dir: str, flag: bool) -> dict:
+def policies(shape: str, x: int, marker_dir: str, flag: bool, start_at: float = 0.0) -> dict:
+    time.sleep(max(0.0, start_at - time.time()))  # the barrier, once this flow run exists
     began = time.time()
     if shape == "policy":
         state = with_source(x, marker_dir, return_state=True)
@@ -68,6 +70,5 @@ def policies(shape: str, x: int, marker_dir: str, flag: bool) -> dict:
 if __name__ == "__main__":
     shape, marker_dir, x = sys.argv[1], sys.argv[2], int(sys.argv[3])
     flag = len(sys.argv) > 4 and sys.argv[4] == "1"
-    if len(sys.argv) > 5:
-        time.sleep(max(0.0, float(sys.argv[5]) - time.time()))
-    print(json.dumps(policies(shape, x, marker_dir, flag)))
+    start_at = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+    print(json.dumps(policies(shape, x, marker_dir, flag, start_at)))
