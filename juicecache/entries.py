@@ -33,6 +33,7 @@ from juicecache.entryfile import (
     CACHE_KEY,
     DATA,
     LOCKS,
+    PARAMETERS,
     RECORDS,
     TEMP_PREFIX,
     EntryHeader,
@@ -44,11 +45,10 @@ from juicecache.locking import FlockLockManager, holder_path, lock_file_name
 
 # Temporary files untouched this long belong to a writer that died (a live one keeps writing).
 STALE_TEMPORARY_SECONDS = 3600.0
-# Background runs' parameters (`task.delay(...)`, see `storage.parameters_name`) live beside the
-# entries. A task worker reads them when it picks the run up, normally within seconds, but a
-# run waits in the Prefect server's queue for as long as no worker serves its task; removed
-# before, the run fails. Prefect itself never removes them: `gc` does once they are this old.
-PARAMETERS = "parameters"
+# Background runs' parameters (`PARAMETERS`): a task worker reads them when it picks the run
+# up, normally within seconds, but a run waits in the Prefect server's queue for as long as no
+# worker serves its task; removed before, the run fails. Prefect itself never removes them:
+# `gc` does once they are this old.
 STALE_PARAMETERS_SECONDS = 7 * 24 * 3600.0
 # Records are small; anything larger is not one of ours and is not read whole.
 MAX_RECORD_BYTES = 1 << 16

@@ -21,9 +21,15 @@ MAGIC = b"JCE1 "
 # The id Prefect records as `storage_block_id` in every state it stores through juicecache
 # (see `storage.EntryStorage.create`): how `cache report` tells juicecache's task runs apart.
 BLOCK_ID = uuid.uuid5(uuid.NAMESPACE_URL, "juicecache:entry-storage")
+# The storage block's type, and the one document of it each Prefect server keeps (see
+# `store.register_results_block`): named here, where `cache report` reads them without Prefect.
+BLOCK_TYPE_SLUG = "juicecache-entry-storage"
+RESULTS_BLOCK = "juicecache-results"
 RECORDS = "records"
 DATA = "data"
 LOCKS = "locks"
+# Background runs' parameters (`task.delay(...)`, see `storage.parameters_name`), beside the entries.
+PARAMETERS = "parameters"
 TEMP_PREFIX = ".tmp-"
 # Cap the header so a garbage file without a newline is refused without reading it all.
 MAX_HEADER = 4096

@@ -25,13 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from juicecache.entries import Entry, Scan
-from juicecache.entryfile import BLOCK_ID, CACHE_KEY
+from juicecache.entryfile import BLOCK_ID, BLOCK_TYPE_SLUG, CACHE_KEY, RESULTS_BLOCK
 
 PAGE = 200  # the most task runs Prefect's API returns at once
-# `store.RESULTS_BLOCK` and `storage.EntryStorage`'s block type slug, named here because
-# importing either imports Prefect.
-RESULTS_BLOCK = "juicecache-results"
-RESULTS_BLOCK_TYPE = "juicecache-entry-storage"
 TOP_HOSTS = 3
 Progress = Callable[[int, int], None]
 
@@ -111,7 +107,7 @@ def fetch_runs(api_url: str, since: float, progress: Progress | None = None) -> 
 
 def _results_block_id(api_url: str) -> list[str]:
     """The id of the server's `juicecache-results` block document (see `store.register_results_block`), if any."""
-    url = f"{api_url.rstrip('/')}/block_types/slug/{RESULTS_BLOCK_TYPE}/block_documents/name/{RESULTS_BLOCK}"
+    url = f"{api_url.rstrip('/')}/block_types/slug/{BLOCK_TYPE_SLUG}/block_documents/name/{RESULTS_BLOCK}"
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             return [json.loads(response.read())["id"]]

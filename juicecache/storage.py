@@ -39,11 +39,13 @@ import anyio.to_thread
 from prefect.filesystems import WritableFileSystem
 from pydantic import PrivateAttr
 
-from juicecache.entries import PARAMETERS, note_record
+from juicecache.entries import note_record
 from juicecache.entryfile import (
     BLOCK_ID,
+    BLOCK_TYPE_SLUG,
     DATA,
     MAX_HEADER,
+    PARAMETERS,
     RECORDS,
     EntryHeader,
     EntryRefused,
@@ -81,7 +83,7 @@ class EntryStorage(WritableFileSystem):
     """
 
     _block_type_name: ClassVar[str] = "JuiceCache Entry Storage"
-    _block_type_slug: ClassVar[str] = "juicecache-entry-storage"
+    _block_type_slug: ClassVar[str] = BLOCK_TYPE_SLUG
 
     kind: str
     _config: Callable[[], StoreConfig] | None = PrivateAttr(default=None)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from juicecache.entryfile import DATA, LOCKS, RECORDS, Signer
+from juicecache.entryfile import DATA, LOCKS, RECORDS, RESULTS_BLOCK, Signer
 from juicecache.locking import FlockLockManager
 from juicecache.settings import Settings, load_settings
 from juicecache.storage import RESULTS, EntryStorage, StoreConfig
@@ -29,8 +29,6 @@ from juicecache.transactions import commit_with_task
 from juicecache.volume import CacheLocation, cache_location
 
 logger = logging.getLogger("juicecache")
-# The block document the Prefect server keeps for juicecache's results (see `register_results_block`).
-RESULTS_BLOCK = "juicecache-results"
 
 
 @dataclass
