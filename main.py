@@ -4,6 +4,8 @@ import sys
 from pathlib import Path
 
 from juicecache.cli import main
+from juicecache.cli.run import end_demo_fast
 
 if __name__ == "__main__":
+    end_demo_fast()
     sys.exit(main(root=Path(__file__).resolve().parent))

@@ -5,7 +5,7 @@ Everything lives in one throwaway folder and on free loopback ports:
 - `local`: a folder on the local disk (the floor every other backend is compared to);
 - `jfs-sqlite`: JuiceFS with SQLite metadata and a local folder as object storage (the embedded default);
 - `jfs-s3`: JuiceFS with Redis metadata and S3 object storage (the shared profile), on the
-  project's own local stack (redis-server + SeaweedFS S3, `juicecache.stack`);
+  project's own local stack (redis-server + SeaweedFS S3, `juicecache.devstack`);
 - `jfs-pg`: the same with PostgreSQL metadata (the PostgreSQL profile), on the same stack's
   PostgreSQL (a volume per profile: the cloud one in its own schema, `&search_path=cloud`);
 - `s3fs`: the same S3 bucket mounted with s3fs-fuse, the "mounted S3 volume" alternative;
@@ -31,8 +31,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from juicecache.devstack.stack import REGION, StackConfig, free_ports, postgres_sql, start_stack, stop_stack
 from juicecache.settings import Settings, load_settings
-from juicecache.stack import REGION, StackConfig, free_ports, postgres_sql, start_stack, stop_stack
 from juicecache.volume import mount_volume, unmount_volume
 
 RESULTS_DIR = "prefect-cache"

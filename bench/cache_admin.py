@@ -36,8 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from juicecache.entries import WORKERS, ListingIndex  # noqa: E402
 from juicecache.entryfile import DATA, LOCKS, RECORDS, Signer  # noqa: E402
+from juicecache.listing import ListingIndex  # noqa: E402
+from juicecache.scan import WORKERS  # noqa: E402
+from tests.support.environment import sandbox_env  # noqa: E402
 
 RESULTS = REPO / "bench" / "results-cache-admin.md"
 EXPIRED_SHARE = 100  # one entry in 100 has expired
@@ -46,21 +48,8 @@ TASKS = ("compute", "train", "featurize", "report")
 
 
 def volume_env(workdir: Path) -> dict[str, str]:
-    env_file = workdir / "empty.env"
-    env_file.touch()
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("JFS_", "JUICECACHE_", "PREFECT_", "META_"))}
-    return {
-        **inherited,
-        "JUICECACHE_ENV_FILE": str(env_file),
-        "JFS_NAME": "benchvol",
-        "JFS_META_URL": f"sqlite3://{workdir}/meta.db",
-        "JFS_STORAGE": "file",
-        "JFS_BUCKET": f"{workdir}/objects/",
-        "JFS_MOUNT_POINT": str(workdir / "mnt"),
-        "JFS_CACHE_DIR": str(workdir / "cache"),
-        "JUICECACHE_FALLBACK_DIR": str(workdir / "fallback"),
-        "PREFECT_HOME": str(workdir / "prefect"),
-    }
+    """An embedded volume under `workdir`; the `cache` commands need no Prefect server."""
+    return sandbox_env(workdir, api_url="")
 
 
 def main_py(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], float]:

@@ -43,6 +43,16 @@ class Verdict:
     passed: bool
 
 
+# A small hit's time, at most this many times a hit on local disk (the floor), per profile.
+SMALL_HIT_TIMES_LOCAL = {"loopback": 1.3, "cloud": 2.0}
+# Operations a small hit in a new process makes on the mount (JuiceFS's `.accesslog`).
+MAX_FUSE_OPS = 12
+
+
+def _operations(counted: dict) -> str:
+    return f"{counted['total']} (" + ", ".join(f"{kind} {n}" for kind, n in counted["by_kind"].items()) + ")"
+
+
 def verdicts(results: dict) -> list[Verdict]:
     found: list[Verdict] = []
     for profile, data in results["profiles"].items():
@@ -50,22 +60,27 @@ def verdicts(results: dict) -> list[Verdict]:
         names = data["backends"]
         volumes = [slug for slug in JUICEFS if slug in names]
         local_hit = median(s["small_hit"]["local"])
+        most = SMALL_HIT_TIMES_LOCAL[profile]
         for slug in volumes:
             ratio = median(s["small_hit"][slug]) / local_hit
-            found.append(Verdict(f"{names[slug]} small hit <= 1.5x local disk", profile,
-                                 f"{median(s['small_hit'][slug]) * 1000:.1f} ms = {ratio:.2f}x", ratio <= 1.5))
+            found.append(Verdict(f"{names[slug]} small hit <= {most}x local disk", profile,
+                                 f"{median(s['small_hit'][slug]) * 1000:.1f} ms = {ratio:.2f}x", ratio <= most))
         if profile == "cloud" and "jfs-s3" in names:
             ours = median(s["small_hit"]["jfs-s3"])
-            for other in ("s3fs", "s3-direct"):
+            for other, least in (("s3fs", 5), ("s3-direct", 6)):
                 factor = median(s["small_hit"][other]) / ours
-                found.append(Verdict(f"JuiceFS Redis+S3 small hit >= 5x faster than {names[other]}", profile,
-                                     f"{factor:.1f}x faster", factor >= 5))
+                found.append(Verdict(f"JuiceFS Redis+S3 small hit >= {least}x faster than {names[other]}", profile,
+                                     f"{factor:.1f}x faster", factor >= least))
+        for slug, places in data.get("fuse_ops", {}).items():
+            for where, counted in places.items():
+                found.append(Verdict(f"{names[slug]} small hit in a new process, {where}: <= {MAX_FUSE_OPS} operations on the mount",
+                                     profile, _operations(counted), counted["total"] <= MAX_FUSE_OPS))
         for mib in results["meta"]["plan"]["sizes_mib"]:
             for slug in volumes:
-                for what, task_metric, raw_metric in (("write", "task_write", "raw_write"), ("hit", "task_read", "raw_read")):
+                for what, task_metric, raw_metric, least in (("write", "task_write", "raw_write", 0.6), ("hit", "task_read", "raw_read", 0.25)):
                     share = median(s[f"{raw_metric}_{mib}"][slug]) / median(s[f"{task_metric}_{mib}"][slug])
-                    found.append(Verdict(f"{names[slug]} {mib} MiB {what} >= 50% of raw {what.replace('hit', 'read')}",
-                                         profile, f"{share:.0%}", share >= 0.5))
+                    found.append(Verdict(f"{names[slug]} {mib} MiB {what} >= {least:.0%} of raw {what.replace('hit', 'read')}",
+                                         profile, f"{share:.0%}", share >= least))
         for slug in volumes:
             ratio = median(s["cold_hit_small"][slug]) / median(s["warm_hit_small"][slug])
             found.append(Verdict(f"{names[slug]} cold hit from a second client <= 2x a warm hit", profile,
@@ -78,9 +93,9 @@ def verdicts(results: dict) -> list[Verdict]:
         floor = median(s["import_prefect"]["python"])
         for slug in volumes:
             e2e = median(s["e2e_hit"][slug])
-            found.append(Verdict(f"{names[slug]} cached `main.py` run (server running) <= 1.5 s and <= import + 0.7 s",
+            found.append(Verdict(f"{names[slug]} cached `main.py` run (server running) <= import prefect + 0.5 s",
                                  profile, f"{e2e:.2f} s (import prefect: {floor:.2f} s, +{e2e - floor:.2f} s)",
-                                 e2e <= 1.5 and e2e - floor <= 0.7))
+                                 e2e - floor <= 0.5))
         levels = sorted(int(m.rsplit("_", 1)[1]) for m in s if m.startswith("scale_hit_"))
         if levels:
             for slug in [v for v in volumes if v in s[f"scale_hit_{levels[0]}"]]:  # not PostgreSQL: see worker.scale
@@ -138,8 +153,8 @@ def markdown(results: dict, found: list[Verdict]) -> str:
         "a Prefect server, the JuiceFS and s3fs-fuse mounts.",
         f"- {LATENCY_NOTE.format(s3=meta['delays_ms']['s3_one_way'], redis=meta['delays_ms']['redis_one_way'])}",
         "- Timings are task-level (one task run through Prefect's engine inside a flow), medians with p95, "
-        "backends interleaved in a rotating order. Prefect's in-memory record cache, and the entry files juicecache "
-        "remembers having checked, are emptied before each timed hit, so a hit reads storage as the next run (a new "
+        "backends interleaved in a rotating order. Prefect's in-memory record cache is emptied before each timed hit, "
+        "and juicecache's stores remember no record between runs, so a hit reads storage as the next run (a new "
         "process, another host) would.",
         "",
         "## Targets",
@@ -251,11 +266,13 @@ def markdown(results: dict, found: list[Verdict]) -> str:
             "",
             f"- Files a hit reads: {json.dumps(facts['reads_per_hit'])} (Prefect's reads, counted on one hit). With "
             "`key_storage`, Prefect reads the small record twice (its existence check, then the read) and the payload "
-            "once; without it, the existence check would read and parse the whole payload too. juicecache answers the "
-            "second record read with a `stat` (it keeps the records it checked, by inode, size and mtime).",
+            "once; without it, the existence check would read and parse the whole payload too. juicecache reads both "
+            "files once, before Prefect asks (to decide that the run is a hit and needs no lock), and answers Prefect's "
+            "reads from what it checked.",
             f"- A 64 MiB result (pickle: {entry['pickle_bytes'] / MIB:.1f} MiB) is a {entry['data_file_bytes'] / MIB:.1f} MiB "
             f"entry file with serializer `{entry['serializer']}`, plus a {entry['record_file_bytes']} byte record.",
-            f"- On this CPU, SHA-256 runs at {facts['sha256_mib_per_s']:.0f} MiB/s and a base64 encode+decode round trip "
+            f"- On this CPU, BLAKE3 (the digest of new entries) runs at {facts['blake3_mib_per_s']:.0f} MiB/s, SHA-256 "
+            f"(entries written before it) at {facts['sha256_mib_per_s']:.0f} MiB/s, and a base64 encode+decode round trip "
             f"at {facts['base64_roundtrip_mib_per_s']:.0f} MiB/s.",
             "",
         ]

@@ -21,13 +21,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import report
 from bench.backends import REDIS_DELAY_MS, S3_DELAY_MS, Lab, Profile, lab
-from juicecache.stack import free_ports
+from bench.fuse_ops import count_hit_operations
+from juicecache.devstack.stack import free_ports
+from tests.support.environment import SETTING_PREFIXES, inherited_env
+from tests.support.prefect_server import running_prefect_server
 
 REPO = Path(__file__).resolve().parent.parent
 CONTENDERS = 8
@@ -97,7 +99,7 @@ def measure(workdir: Path, plan: Plan, profile_names: list[str]) -> dict:
     with lab(workdir) as built:
         print("bench: starting redis, PostgreSQL + SeaweedFS S3, a Prefect server, and the mounts", flush=True)
         built.start_stack()
-        api_url = start_prefect_server(built)
+        api_url = built.exits.enter_context(running_prefect_server(workdir / "prefect-server")).api_url
         embedded = built.juicefs(
             "embedded", f"sqlite3://{workdir}/embedded/meta.db", "file", f"{workdir}/embedded/objects/",
             slug="jfs-sqlite", title="JuiceFS SQLite+file",
@@ -133,6 +135,8 @@ def measure_profile(built: Lab, profile: Profile, plan: Plan, api_url: str, scal
     subprocess.run([sys.executable, "-m", "bench.worker", str(config_path), str(out)], env=env, cwd=REPO, check=True, timeout=3600)
     measured = json.loads(out.read_text())
     measured["rtt_ms"] = round_trips(built, profile)
+    if scale:  # counts, not times: the same in every profile
+        measured["fuse_ops"] = fuse_operations(profile, env)
     started = time.monotonic()
     measured["contention"] = contention(config_path, workdir, env, [b.slug for b in profile.backends])
     print(f"  [{profile.name}] {CONTENDERS} concurrent runs: {time.monotonic() - started:.0f} s", flush=True)
@@ -143,8 +147,21 @@ def measure_profile(built: Lab, profile: Profile, plan: Plan, api_url: str, scal
     return measured
 
 
+def fuse_operations(profile: Profile, env: dict[str, str]) -> dict[str, dict[str, dict]]:
+    """Operations on the mount of a small hit in a new process, per volume: on the host that stored
+    the entry, and on another host (the volume's second client)."""
+    counts: dict[str, dict[str, dict]] = {}
+    for backend in (b for b in profile.backends if b.is_juicefs):
+        writer, other = Path(backend.mount_point), Path(backend.second_mount_point)
+        counts[backend.slug] = {
+            where: count_hit_operations(env, writer, reader, backend.volume_name, f"ops-{where}-{os.urandom(4).hex()}")
+            for where, reader in (("same host", writer), ("another host", other))
+        }
+    return counts
+
+
 def child_env(built: Lab, api_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JFS_", "JUICECACHE_", "PREFECT_", "META_", "AWS_"))}
+    env = inherited_env(drop=(*SETTING_PREFIXES, "AWS_"))
     env.update(built.s3_env())
     env.update({
         "JUICECACHE_ENV_FILE": str(built.workdir / "empty.env"),
@@ -154,26 +171,6 @@ def child_env(built: Lab, api_url: str) -> dict[str, str]:
         "PYTHONPATH": str(REPO),
     })
     return env
-
-
-def start_prefect_server(built: Lab) -> str:
-    home = built.workdir / "prefect-server"
-    home.mkdir()
-    port = free_ports(1)
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
-    with open(home / "server.log", "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    built.exits.callback(_stop_group, server)
-    deadline = time.monotonic() + 120
-    while not _answers(url):
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the Prefect server did not start: see {home / 'server.log'}")
-        time.sleep(0.3)
-    return url
 
 
 def round_trips(built: Lab, profile: Profile) -> dict[str, float]:
@@ -312,7 +309,7 @@ def metadata(plan: Plan, quick: bool, seconds: float) -> dict:
 
 
 def _postgres_version() -> str:
-    from juicecache.stack import _postgres_bindir
+    from juicecache.devstack.stack import _postgres_bindir
 
     done = subprocess.run([str(_postgres_bindir() / "postgres"), "--version"], capture_output=True, text=True)
     return done.stdout.split()[2] if done.returncode == 0 else "?"  # postgres (PostgreSQL) 15.18 (Debian ...)
@@ -323,23 +320,4 @@ def _memory_gib() -> int:
         if line.startswith("MemTotal:"):
             return round(int(line.split()[1]) / 1024 / 1024)
     return 0
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
 

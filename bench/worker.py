@@ -9,15 +9,14 @@ within each round, in a rotating order, so a burst of noise from the machine's o
 users lands on all of them alike.
 
 Prefect keeps the records a flow run wrote or read in an in-memory LRU, and juicecache
-remembers the entry files it checked; a later run (a new process, another host) starts
-with neither. So both are emptied before every timed hit: a hit then reads the volume, as
-it would in the next run.
+remembers the records it checked; a later run (a new process, another host) starts with
+neither. So Prefect's is emptied before every timed hit, and the stores here remember no
+record (`remembered_records=0`): a hit then reads the volume, as it would in the next run.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -73,19 +72,17 @@ class Target:
     """One backend as this process uses it: its tasks, and how to point the cache at it."""
 
     def __init__(self, backend: dict[str, Any], base_settings) -> None:
-        from juicecache.cache import cached_task
+        from juicecache.store import Store
 
         self.backend = backend
         self.slug: str = backend["slug"]
         self.is_juicefs = backend["volume_name"] is not None
         self.root = backend["root"]
         if backend["kind"] == "folder":
-            self.settings = [self._settings(base_settings, backend["mount_point"])]
-            if backend["second_mount_point"]:
-                self.settings.append(self._settings(base_settings, backend["second_mount_point"]))
-            self.small = cached_task(name="bench-small")(small_result)
-            self.blob = cached_task(name="bench-blob")(blob_result)
-            self.contended = cached_task(name="bench-contended")(contended_result)
+            mount_points = [backend["mount_point"]] + ([backend["second_mount_point"]] if backend["second_mount_point"] else [])
+            # Each hit reads the volume as a new process would: no record remembered from earlier runs.
+            self.stores = [Store(self._settings(base_settings, mount), remembered_records=0) for mount in mount_points]
+            self.use(0)
         else:
             self.small = s3_task(small_result, "bench-small", backend)
             self.blob = s3_task(blob_result, "bench-blob", backend)
@@ -98,17 +95,18 @@ class Target:
         return replace(base, mount_point=Path(self.root) / "not-a-mount", fallback_dir=Path(self.root))
 
     def use(self, client: int = 0) -> None:
-        """Point `cached_task` at this backend (client 1: the JuiceFS volume's second mount)."""
+        """Run this backend's tasks through its store (client 1: the JuiceFS volume's second mount)."""
         if self.backend["kind"] == "folder":
-            from juicecache.cache import activate
+            from juicecache.cache import cached_task
 
-            activate(self.settings[client])
+            self.store = self.stores[client]
+            self.small = cached_task(name="bench-small", store=self.store)(small_result)
+            self.blob = cached_task(name="bench-blob", store=self.store)(blob_result)
+            self.contended = cached_task(name="bench-contended", store=self.store)(contended_result)
 
     def folder(self) -> Path:
-        """The cache folder `cached_task` uses now (see `use`)."""
-        from juicecache.cache import active
-
-        return active().location.path
+        """The cache folder the tasks use now (see `use`)."""
+        return self.store.resolved.location.path
 
     # Raw sequential I/O on the same mount (or bucket): what the storage itself can do.
     def raw_write(self, name: str, payload: bytes) -> float:
@@ -250,10 +248,7 @@ class Bench:
         """One timed task run; `expect` is Prefect's state name: Completed (a miss) or Cached (a hit)."""
         from prefect.results import get_result_store
 
-        from juicecache.storage import forget_checked_files
-
         get_result_store().cache.clear()
-        forget_checked_files()
         started = time.perf_counter()
         state = task(*args, return_state=True)
         value = state.result()
@@ -323,6 +318,7 @@ class Bench:
 
     def known_facts(self) -> None:
         """What a hit reads, and what a large result costs on the volume, checked on the local folder."""
+        from juicecache.entryfile import UNKEYED, Signer
         from juicecache.storage import EntryStorage
 
         local = self.targets[0]
@@ -355,9 +351,10 @@ class Bench:
             "record_file_bytes": record.stat().st_size,
             "serializer": json.loads(record.read_bytes().split(b"\n", 1)[1])["serializer"]["type"],
         }
-        started = time.perf_counter()
-        hashlib.sha256(PAYLOADS[size]).digest()
-        self.facts["sha256_mib_per_s"] = 64 / (time.perf_counter() - started)
+        for algorithm in UNKEYED:  # the digest new entries get, then the one older entries have
+            started = time.perf_counter()
+            Signer().digest("data/x", PAYLOADS[size], algorithm)
+            self.facts[f"{algorithm}_mib_per_s"] = 64 / (time.perf_counter() - started)
         started = time.perf_counter()
         base64.decodebytes(base64.encodebytes(PAYLOADS[size]))
         self.facts["base64_roundtrip_mib_per_s"] = 64 / (time.perf_counter() - started)

@@ -114,12 +114,6 @@ def defining_module(fn: Callable[..., Any]) -> str:
     return ".".join(parts) or fn.__module__
 
 
-# Prefect logs a key function's exception and runs the task uncached, so a key that cannot be
-# computed would go unnoticed; the key function parks its exception here, by task run, and
-# the task's own function raises it (see `_start_in_cache`).
-_key_failures: dict[UUID, Exception] = {}
-
-
 @dataclass(frozen=True)
 class NamespacedKey:
     """A task's key function: the user's key, prefixed with the task's name and hashed with its identity.
@@ -137,9 +131,12 @@ class NamespacedKey:
     store: Store
     exclude: frozenset[str] = frozenset()
     code: CodeFingerprint | None = None
-    # Park a failure for `_start_in_cache` to raise; a plain task (`shared()`) has no such
-    # wrapper, and is left to Prefect, which logs the failure and runs the task uncached.
+    # Prefect logs a key function's exception and runs the task uncached, so a key that cannot
+    # be computed would go unnoticed: it is parked in `failures`, by task run, for the task's
+    # own function to raise (`_start_in_cache`). A plain task (`shared()`) has no such wrapper,
+    # and is left to Prefect, which logs the failure and runs the task uncached.
     parks_failures: bool = True
+    failures: dict[UUID, Exception] = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, context: TaskRunContext | None, parameters: dict[str, Any]) -> str | None:
         kept = {name: value for name, value in parameters.items() if name not in self.exclude}
@@ -150,13 +147,21 @@ class NamespacedKey:
         except Exception as exc:
             if context is None or not self.parks_failures:
                 raise
-            _key_failures[context.task_run.id] = exc
+            self.failures[context.task_run.id] = exc
             return None
         if user_key is None:
             return None
         salt = f"{self.identity}\ncode {self.code.digest()}" if self.code else self.identity
         digest = hashlib.sha256(f"{salt}\n{user_key}".encode()).hexdigest()
         return f"{self.prefix}-{digest[:KEY_DIGEST_CHARS]}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "failures": {}}  # a failure belongs to the process whose run hit it
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> NamespacedKey:
+        # Prefect's `configure` deep-copies the policy; the task's wrapper must still find the
+        # failures this key function parks, so the copy is this very object (it is immutable).
+        return self
 
 
 @dataclass(frozen=True)
@@ -211,12 +216,12 @@ def namespaced_key(
     return NamespacedKey(key_fn, task_identity(fn, version, namespace), prefix, store, exclude, fingerprint)
 
 
-def _start_in_cache() -> None:
-    """What a cached task does before its function: raise the exception its key function
+def _start_in_cache(key: NamespacedKey) -> None:
+    """What a cached task does before its function: raise the exception its `key` function
     parked (the task run then fails with it), commit its entry when it ends, and note when
     it started computing (the entry records how long that took)."""
     context = TaskRunContext.get()
-    failure = _key_failures.pop(context.task_run.id, None) if context else None
+    failure = key.failures.pop(context.task_run.id, None) if context else None
     if failure is not None:
         raise failure
     transaction = get_transaction()
@@ -225,13 +230,13 @@ def _start_in_cache() -> None:
         compute_started()
 
 
-def running_in_cache(fn: Callable[P, R]) -> Callable[P, R]:
-    """`fn`, started by `_start_in_cache`."""
+def running_in_cache(fn: Callable[P, R], key: NamespacedKey) -> Callable[P, R]:
+    """`fn`, started by `_start_in_cache` (with the key function of its task)."""
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
         async def run_async(*args: Any, **kwargs: Any) -> Any:
-            _start_in_cache()
+            _start_in_cache(key)
             return await fn(*args, **kwargs)
 
         wrapper: Any = run_async
@@ -239,7 +244,7 @@ def running_in_cache(fn: Callable[P, R]) -> Callable[P, R]:
 
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
-            _start_in_cache()
+            _start_in_cache(key)
             return fn(*args, **kwargs)
 
         wrapper = run
@@ -388,7 +393,7 @@ def cached_task(
         key = namespaced_key(function, key_fn, excluded, task_options.get("version"), namespace, target, code)
         options = {"result_serializer": RawPickleSerializer(), **task_options}
         return task(
-            running_in_cache(function),
+            running_in_cache(function, key),
             cache_policy=policy_on_volume(key, target),
             result_storage=target.data,
             persist_result=True,

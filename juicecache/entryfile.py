@@ -6,6 +6,7 @@ only read headers and remove files, start without importing Prefect.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -16,6 +17,8 @@ import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+import blake3
 
 MAGIC = b"JCE1 "
 # The id Prefect records as `storage_block_id` in every state it stores through juicecache
@@ -71,6 +74,15 @@ class EntryHeader:
             raise EntryRefused(f"unreadable header ({exc})") from None
 
 
+# Digests new entries get, then those of entries written before BLAKE3 (still read and checked):
+# BLAKE3 hashes 1.7-2x faster than SHA-256 on the benchmark's machine (bench/results.md), which a
+# large hit pays in full. Its keyed mode is a MAC, as HMAC-SHA256 is.
+UNKEYED = ("blake3", "sha256")
+KEYED = ("blake3-keyed", "hmac-sha256")
+# Above this size BLAKE3 hashes on all cores.
+_PARALLEL_HASH_BYTES = 1 << 20
+
+
 @dataclass(frozen=True)
 class Signer:
     """Digests bound to a file's name: content cannot be moved to another entry unnoticed."""
@@ -79,34 +91,44 @@ class Signer:
 
     @property
     def algorithm(self) -> str:
-        return "hmac-sha256" if self.key else "sha256"
+        return KEYED[0] if self.key else UNKEYED[0]
 
     @property
     def key_id(self) -> str | None:
         return hashlib.sha256(b"juicecache-key-id:" + self.key).hexdigest()[:12] if self.key else None
 
-    def _start(self, name: str) -> hmac.HMAC | hashlib._Hash:
+    @functools.cached_property
+    def _blake3_key(self) -> bytes:
+        """BLAKE3 takes a 32-byte key: derived from the signing key, in BLAKE3's own key derivation mode."""
+        return blake3.blake3(self.key, derive_key_context="juicecache entry signing key v1").digest()
+
+    def digest(self, name: str, content: bytes | bytearray | memoryview, algorithm: str | None = None) -> str:
+        """The digest of `content` stored as entry `name`, with `algorithm` (default: what new entries get)."""
         label = f"{name}\n".encode()
-        return hmac.new(self.key, label, hashlib.sha256) if self.key else hashlib.sha256(label)
+        algorithm = algorithm or self.algorithm
+        if algorithm.startswith("blake3"):
+            threads = blake3.blake3.AUTO if len(content) > _PARALLEL_HASH_BYTES else 1
+            keyed = {"key": self._blake3_key} if algorithm == "blake3-keyed" else {}
+            digest = blake3.blake3(label, max_threads=threads, **keyed)
+        else:
+            digest = hmac.new(self.key, label, hashlib.sha256) if algorithm == "hmac-sha256" else hashlib.sha256(label)
+        digest.update(content)
+        return digest.hexdigest()
 
-    def digest(self, name: str, content: bytes) -> str:
-        mac = self._start(name)
-        mac.update(content)
-        return mac.hexdigest()
-
-    def check(self, name: str, header: EntryHeader, content: bytes) -> None:
+    def check(self, name: str, header: EntryHeader, content: bytes | bytearray | memoryview) -> None:
         if len(content) != header.size:
-            raise EntryRefused(f"truncated: {len(content)} of {header.size} bytes")
+            what = "truncated" if len(content) < header.size else "longer than its header says"
+            raise EntryRefused(f"{what}: {len(content)} of {header.size} bytes")
         self.check_header(header)
-        self._compare(header, self.digest(name, content))
+        self._compare(header, self.digest(name, content, header.algorithm))
 
     def check_header(self, header: EntryHeader) -> None:
         """What the header alone can refuse: no signature, or one made with another key."""
-        if self.key and header.algorithm != self.algorithm:
+        if self.key and header.algorithm not in KEYED:
             raise EntryRefused("not signed, and JUICECACHE_SIGNING_KEY is set")
         if self.key and header.key_id != self.key_id:
             raise EntryRefused(f"signed with another key (key id {header.key_id})")
-        if not self.key and header.algorithm != self.algorithm:
+        if not self.key and header.algorithm not in UNKEYED:
             raise EntryRefused("signed, but JUICECACHE_SIGNING_KEY is not set here")
 
     def _compare(self, header: EntryHeader, digest: str) -> None:
@@ -145,6 +167,42 @@ def write_atomically(path: Path, chunks: list[bytes]) -> int:
         temp.unlink(missing_ok=True)
         raise
     return inode
+
+
+def read_entry(path: Path) -> tuple[EntryHeader, bytearray, os.stat_result]:
+    """An entry file's header, its content (not yet checked: see `Signer.check`) and its status.
+
+    Read with as few operations on the mount as a file allows. Its status comes right after
+    the open, from the kernel's cache (the lookup just brought it). Never a byte is asked
+    beyond the size it gives: a read past the end makes the kernel ask the mount for the
+    file's attributes again, in case it grew. The first read holds the header and, for a
+    small entry, all of it; a large content goes straight into a buffer of its size.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        status = os.fstat(fd)
+        head = os.pread(fd, min(MAX_HEADER, status.st_size), 0)
+        end = head.find(b"\n") + 1
+        header = EntryHeader.from_line(head[:end] if end else head)
+        content = bytearray(head[end:]) if len(head) < MAX_HEADER else _read_from(fd, end, status.st_size - end)
+    finally:
+        os.close(fd)
+    return header, content, status
+
+
+def _read_from(fd: int, offset: int, size: int) -> bytearray:
+    """Up to `size` bytes of `fd` from `offset` (fewer if it is shorter), into one buffer."""
+    content = bytearray(size)
+    view = memoryview(content)
+    done = 0
+    while done < size:
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            break
+        done += count
+    view.release()
+    del content[done:]
+    return content
 
 
 def read_header(path: Path) -> EntryHeader:

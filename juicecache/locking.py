@@ -18,10 +18,16 @@ expires (5 heartbeats: 60 s by default).
 Who holds a lock is recorded beside it, as the target of a symlink `KEY.lock.holder`,
 not written into the lock file: a file's content costs JuiceFS an object upload (and the
 lock would then hang while the object store is down), whereas a symlink lives in the
-metadata engine alone. Every run takes the lock, hits included, and holds it for
-milliseconds; only a holder that keeps it for `NAME_HOLDER_AFTER` (a run computing, the
-one a waiter may need named) records itself, so a hit writes nothing. The record is only
-ever shown to people, never trusted.
+metadata engine alone. Only a holder that keeps the lock for `NAME_HOLDER_AFTER` (a run
+computing, the one a waiter may need named) records itself. The record is only ever shown
+to people, never trusted.
+
+A hit takes no lock at all. The lock exists so that a key is computed once, and an entry
+never changes once it has its name (it is only ever replaced by a rename), so a run whose
+entry is already committed and checked has nothing to wait for: the manager asks
+`committed(key)` first (the store checks the entry and keeps it for the reads that follow)
+and holds the key without `flock`. Only a miss locks: it takes the lock, and Prefect then
+looks for the entry again, under it, before computing.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +75,7 @@ class LockTimeout(TimeoutError):
 
 @dataclass
 class _Held:
-    fd: int | None  # None: a read-only consumer's hold, which locks nothing
+    fd: int | None  # None: a hit's or a read-only consumer's hold, which locks nothing
     holder: str
     naming: threading.Timer | None
 
@@ -82,23 +88,30 @@ class FlockLockManager:
         acquire_timeout: how long `acquire_lock` waits when not told, asked on each use.
         read_only: asked on each acquire; when true, nothing is locked or written (a
             read-only consumer computes a miss itself and stores nothing, so it needs no lock).
+        committed: asked first on each acquire: is the key's entry there and sound, so that
+            this run is a hit and needs no lock (see the module docstring)?
 
     It pickles as its callables: the copy a Dask worker or a subprocess unpickles starts
     with no lock held, and resolves its folder there.
     """
 
     def __init__(
-        self, folder: Callable[[], Path], acquire_timeout: Callable[[], float], read_only: Callable[[], bool] = bool
+        self,
+        folder: Callable[[], Path],
+        acquire_timeout: Callable[[], float],
+        read_only: Callable[[], bool] = bool,
+        committed: Callable[[str], bool] | None = None,
     ) -> None:
         self._folder = folder
         self._acquire_timeout = acquire_timeout
         self._read_only = read_only
+        self._committed = committed
         self._held: dict[str, _Held] = {}
         self._released: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._guard = threading.Lock()
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self._folder, self._acquire_timeout, self._read_only))
+        return (type(self), (self._folder, self._acquire_timeout, self._read_only, self._committed))
 
     def lock_path(self, key: str) -> Path:
         return self._folder() / lock_file_name(key)
@@ -115,13 +128,13 @@ class FlockLockManager:
         Given an `acquire_timeout`, returns False when it runs out, as Prefect's protocol
         says. Without one (how Prefect's transactions call it, ignoring the result) it waits
         `JUICECACHE_LOCK_TIMEOUT`, then raises `LockTimeout`, whose one line names the key,
-        the holder and the setting.
+        the holder and the setting. A key whose entry is `committed` is held without a lock.
         """
         with self._guard:
             held = self._held.get(key)
             if held is not None and held.holder == holder:
                 return True
-        if self._read_only():
+        if (self._committed is not None and self._committed(key)) or self._read_only():
             with self._guard:
                 self._held[key] = _Held(None, holder, None)
             return True
@@ -274,6 +287,19 @@ def _flock_within(fd: int, timeout: float) -> bool:
                 return False
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, _MAX_POLL)
+
+
+@contextlib.contextmanager
+def lock_file_if_free(path: Path) -> Iterator[bool]:
+    """Lock the existing lock file `path` for the `with` body if nobody holds it, never
+    waiting; yields whether it did. For `cache gc`, which finds lock files whose key it
+    cannot name (a key's lock file name may be its hash). Raises FileNotFoundError when
+    there is no file at `path`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield _flock_within(fd, 0) and _still_named(fd, path)
+    finally:
+        _release(fd, path)
 
 
 def holder_path(lock: Path) -> Path:

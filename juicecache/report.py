@@ -5,7 +5,7 @@ Two sources, joined by cache key:
   storage block (the server's `juicecache-results` document, or `entryfile.BLOCK_ID` where
   no server knew it) is one of ours, `Cached` is a hit and `Completed` a miss, and its
   `storage_key` is the entry's key, whose prefix is the task's name;
-- the cache's own entries (`entries.scan`): each records how long computing it took (what a
+- the cache's own entries (`scan.scan`): each records how long computing it took (what a
   hit saves), its size (what a hit moves) and the host that computed it.
 
 Without a server, the entries alone tell what is stored, by task and host. Reads the REST
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from juicecache.entries import Entry, Scan
 from juicecache.entryfile import BLOCK_ID, BLOCK_TYPE_SLUG, CACHE_KEY, RESULTS_BLOCK
+from juicecache.scan import Entry, Scan
 
 PAGE = 200  # the most task runs Prefect's API returns at once
 TOP_HOSTS = 3

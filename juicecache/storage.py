@@ -31,7 +31,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
@@ -39,19 +40,19 @@ import anyio.to_thread
 from prefect.filesystems import WritableFileSystem
 from pydantic import PrivateAttr
 
-from juicecache.entries import note_record
 from juicecache.entryfile import (
     BLOCK_ID,
     BLOCK_TYPE_SLUG,
     DATA,
-    MAX_HEADER,
     PARAMETERS,
     RECORDS,
     EntryHeader,
     EntryRefused,
     Signer,
+    read_entry,
     write_atomically,
 )
+from juicecache.listing import note_record
 from juicecache.serializer import SERIALIZER_TYPE
 from juicecache.transactions import compute_seconds
 
@@ -70,9 +71,14 @@ class StoreConfig:
     on_refused: Callable[[Path, str], None] | None = None
     # Told the name of every record read: a hit's transaction commits when its task ends (see `transactions`).
     on_record_read: Callable[[str], None] | None = None
+    # Told the name of an entry whose read failed: a hit's run lets go of its lock (see `transactions`).
+    on_read_failed: Callable[[str], None] | None = None
     # A read-only consumer: writes are dropped, and this is told the name of each record not stored.
-    read_only: bool = False
+    # Asked on a write only, so that a hit never asks the mount (see `volume.CacheLocation`).
+    read_only: Callable[[], bool] = bool
     on_not_stored: Callable[[str], None] | None = None
+    # What this store's process already read and checked (one per store: see `ReadState`).
+    reads: ReadState = field(default_factory=lambda: ReadState())
 
 
 class EntryStorage(WritableFileSystem):
@@ -126,44 +132,75 @@ class EntryStorage(WritableFileSystem):
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
         kind, target = self._target(path)
         config = self.config()
-        with _reporting_io_errors(kind, target, "reading"):
+        try:
+            return self._read(kind, target, config)
+        except (OSError, EntryRefused):
+            if config.on_read_failed is not None and kind != PARAMETERS:
+                config.on_read_failed(target.name)
+            raise
+
+    def _read(self, kind: str, target: Path, config: StoreConfig) -> bytes:
+        with _reporting_io_errors(kind, target, "reading", config.reads):
             if kind == PARAMETERS:
                 return _read_entry(target, PARAMETERS, config)[0]
             if self.kind == RESULTS:
                 return _whole_record(config.root, target.name, config)
             if self.kind == DATA:
-                checked = _checked_payloads.current(target, hand_out=True)
-                if checked is not None:
-                    return checked
-                return _read_entry(target, DATA, config)[0]
+                checked = config.reads.payloads.take(target)
+                return checked if checked is not None else _read_entry(target, DATA, config)[0]
             if config.on_record_read is not None:
                 config.on_record_read(target.name)
-            checked = _checked_records.current(target)
+            checked = config.reads.records.current(target)
             if checked is not None:
-                self._check_payload(checked, config)
-                return checked
+                self._check_payload(*checked, config)
+                return checked[0]
             content, identity = _read_entry(target, RECORDS, config)
-            self._check_payload(content, config)
-        _checked_records.keep(target, content, identity)
+            self._check_payload(content, identity, config)
+        config.reads.records.keep(target, content, identity)
         return content
 
-    def _check_payload(self, record: bytes, config: StoreConfig) -> None:
+    def holds_hit(self, key: str) -> bool:
+        """Is `key`'s entry committed, unexpired and sound, record and payload, so that this
+        run is a hit and needs no lock (see `locking`)? Both files are then kept, checked, for
+        the reads Prefect makes next (its existence check, the record, the payload), which
+        cost no further round trip and find the entry even if `cache gc` removes it meanwhile.
+
+        Never for a run that refreshes its entry (`refresh_cache`): it computes, under the lock.
+        Any failure is no hit: the run locks the key, and Prefect's own read reports it.
+        """
+        config = self.config()
+        record_path = config.root / RECORDS / entry_name(key)
+        # A run starts afresh: reads an earlier run was lent and never made are not this run's.
+        config.reads.records.distrust(record_path)
+        if _refreshing():
+            return False
+        try:
+            record, record_identity = _read_entry(record_path, RECORDS, config)
+            if _expires_soon(json.loads(record).get("expiration")):
+                return False
+            _keep_payload(record, record_identity, config)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        config.reads.records.keep(record_path, record, record_identity, trusted_reads=2)
+        return True
+
+    def _check_payload(self, record: bytes, identity: Identity, config: StoreConfig) -> None:
         """Serve a record only when the payload it names checks out too.
 
         Prefect decides a hit from the record alone and reads the payload afterwards;
         a payload refused at that point would fail the task instead of recomputing it.
         A missing payload (removed by `cache gc`) is a quiet miss. The checked payload is
-        kept for the read that follows, so a hit reads and hashes it once.
+        kept for the read that follows, so a hit reads and hashes it once; it is read again
+        for any other record file (`identity`) that names it.
         """
-        payload = config.root / DATA / entry_name(json.loads(record)["storage_key"])
-        if not _checked_payloads.knows(payload):
-            _checked_payloads.keep(payload, *_read_entry(payload, DATA, config))
+        if not config.reads.payloads.holds(_payload_path(record, config), identity):
+            _keep_payload(record, identity, config)
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
         kind, target = self._target(path)
         config = self.config()
         # A background run's parameters are no cache entry: a read-only consumer still submits runs.
-        if config.read_only and kind != PARAMETERS:
+        if kind != PARAMETERS and config.read_only():
             if self.kind == RECORDS and config.on_not_stored is not None:
                 config.on_not_stored(target.name)
             return str(target)
@@ -178,7 +215,7 @@ class EntryStorage(WritableFileSystem):
             **_current_task(),
         )
         line = header.to_line()
-        with _reporting_io_errors(kind, target, "writing"):
+        with _reporting_io_errors(kind, target, "writing", config.reads):
             inode = write_atomically(target, [line, content])
         if kind == RECORDS:
             note_record(config.root, target.name, inode, line + content)
@@ -193,21 +230,29 @@ class EntryStorage(WritableFileSystem):
 Identity = tuple[int, int, int]  # inode, size, mtime: a file replaced since is another file
 
 
-def _read_entry(target: Path, kind: str, config: StoreConfig) -> tuple[bytes, Identity]:
-    """An entry file's content, once its header checks out, and the identity of the file read."""
-    with open(target, "rb") as handle:
-        line = handle.readline(MAX_HEADER)
-        try:
-            header = EntryHeader.from_line(line)
-            content = handle.read()
-            config.signer.check(f"{kind}/{target.name}", header, content)
-        except EntryRefused as refused:
-            if config.on_refused is not None:
-                config.on_refused(target, str(refused))
-            else:
-                logger.warning("cache entry %s refused (%s): recomputing", target, refused)
-            raise
-        return content, _identity(os.fstat(handle.fileno()))
+def _read_entry(target: Path, kind: str, config: StoreConfig) -> tuple[bytes | bytearray, Identity]:
+    """An entry file's content, once its header and digest check out, and the identity of the
+    file read. Records come back as bytes; payloads as the buffer they were read into."""
+    try:
+        header, content, status = read_entry(target)
+        config.signer.check(f"{kind}/{target.name}", header, content)
+    except EntryRefused as refused:
+        if config.on_refused is not None:
+            config.on_refused(target, str(refused))
+        else:
+            logger.warning("cache entry %s refused (%s): recomputing", target, refused)
+        raise
+    return (content if kind == DATA else bytes(content)), _identity(status)
+
+
+def _payload_path(record: bytes, config: StoreConfig) -> Path:
+    return config.root / DATA / entry_name(json.loads(record)["storage_key"])
+
+
+def _keep_payload(record: bytes, identity: Identity, config: StoreConfig) -> None:
+    """Read and check the payload `record` (the file `identity`) names, and keep it for the read that takes it."""
+    path = _payload_path(record, config)
+    config.reads.payloads.keep(path, _read_entry(path, DATA, config)[0], identity)
 
 
 def _whole_record(root: Path, key: str, config: StoreConfig) -> bytes:
@@ -246,71 +291,119 @@ def parameters_name(path: str) -> str | None:
     return entry_name(parts[1]) if len(parts) == 2 and parts[0] == PARAMETERS else None
 
 
-class _CheckedFiles:
-    """Entry files this process read and checked, until they are read again.
+@dataclass
+class _Checked:
+    identity: Identity
+    content: bytes
+    trusted_reads: int  # reads still served as checked, without a look at the file (a hit's own reads)
+    trusted_until: float  # ... and only until then (monotonic), should they never come
+
+
+class CheckedRecords:
+    """Records this process read and checked, until they are read again.
 
     Keyed by the file's inode, size and mtime: a file replaced since (entries are only
     ever replaced by rename) is read and checked again. Each look costs one `stat`
     instead of an open, a read and a close, each a round trip to JuiceFS's metadata
-    engine. Prefect reads a hit's record twice (its exists check, then its read), then
-    the payload: the second record read and the payload read are such looks. Only the
-    last `keep_last` files are kept.
+    engine. A hit's own reads, right after `EntryStorage.holds_hit` checked its record,
+    need not even look: they are `trusted_reads`.
+
+    Args:
+        keep_last: how many records are kept besides those awaiting their trusted reads;
+            0 reads every record afresh on each run, as a new process would (the benchmark).
     """
 
-    def __init__(self, keep_last: int) -> None:
+    def __init__(self, keep_last: int = 256) -> None:
         self._keep_last = keep_last
         self._guard = threading.Lock()
-        self._known: collections.OrderedDict[str, tuple[Identity, bytes | None]] = collections.OrderedDict()
+        self._known: collections.OrderedDict[str, _Checked] = collections.OrderedDict()
 
-    def keep(self, path: Path, content: bytes, identity: Identity) -> None:
+    def keep(self, path: Path, content: bytes, identity: Identity, trusted_reads: int = 0) -> None:
         with self._guard:
-            self._known[str(path)] = (identity, content)
+            self._known[str(path)] = _Checked(identity, content, trusted_reads, time.monotonic() + _TRUST_SECONDS)
             self._known.move_to_end(str(path))
-            while len(self._known) > self._keep_last:
-                self._known.popitem(last=False)
+            self._evict()
 
-    def knows(self, path: Path) -> bool:
-        """Was the file at `path` checked as it is now (its content perhaps handed out since)?"""
-        return self._look(path) is not None
-
-    def current(self, path: Path, hand_out: bool = False) -> bytes | None:
-        """The checked content, if the file is still the one checked; `hand_out`: only once."""
-        known = self._look(path)
-        if known is None or known[1] is None:
-            return None
-        if hand_out:
-            with self._guard:
-                self._known[str(path)] = (known[0], None)
-        return known[1]
-
-    def forget(self) -> None:
+    def current(self, path: Path) -> tuple[bytes, Identity] | None:
+        """The checked content and the file's identity, if the file is still the one checked."""
         with self._guard:
-            self._known.clear()
-
-    def _look(self, path: Path) -> tuple[Identity, bytes | None] | None:
-        with self._guard:
-            if str(path) not in self._known:  # never seen: no need to stat it
+            known = self._known.get(str(path))
+            if known is None:  # never seen: no need to stat it
                 return None
+            if known.trusted_reads > 0 and time.monotonic() < known.trusted_until:
+                known.trusted_reads -= 1
+                self._evict()
+                return known.content, known.identity
         identity = _identity(os.stat(path))
         with self._guard:
             known = self._known.get(str(path))
-        return known if known is not None and known[0] == identity else None
+        return (known.content, identity) if known is not None and known.identity == identity else None
+
+    def distrust(self, path: Path) -> None:
+        """Take back the reads lent for `path`: its next read looks at the file again."""
+        with self._guard:
+            known = self._known.get(str(path))
+            if known is not None:
+                known.trusted_reads = 0
+
+    def _evict(self) -> None:
+        """Drop the oldest records beyond `keep_last`, but not those a hit is about to read."""
+        now = time.monotonic()
+        surplus = len(self._known) - self._keep_last
+        for path in list(self._known):
+            if surplus <= 0:
+                break
+            known = self._known[path]
+            if known.trusted_reads <= 0 or now >= known.trusted_until:
+                del self._known[path]
+                surplus -= 1
+
+
+class PendingPayloads:
+    """Payloads checked for a hit, held until the read that takes them (a large one is large).
+
+    Each is held for the record file (`Identity`) it was checked for: a record read later,
+    of another file (the entry replaced since), has its payload read and checked again.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._waiting: dict[str, tuple[bytes | bytearray, Identity, float]] = {}
+
+    def keep(self, path: Path, content: bytes | bytearray, record: Identity) -> None:
+        now = time.monotonic()
+        with self._guard:
+            self._waiting = {name: kept for name, kept in self._waiting.items() if kept[2] > now}
+            self._waiting[str(path)] = (content, record, now + _TRUST_SECONDS)
+
+    def holds(self, path: Path, record: Identity) -> bool:
+        with self._guard:
+            kept = self._waiting.get(str(path))
+        return kept is not None and kept[1] == record and kept[2] > time.monotonic()
+
+    def take(self, path: Path) -> bytes | bytearray | None:
+        with self._guard:
+            kept = self._waiting.pop(str(path), None)
+        return kept[0] if kept is not None and kept[2] > time.monotonic() else None
+
+
+@dataclass
+class ReadState:
+    """What one store's process knows from its earlier reads; a new store starts afresh."""
+
+    records: CheckedRecords = field(default_factory=CheckedRecords)
+    payloads: PendingPayloads = field(default_factory=PendingPayloads)
+    # When each kind of storage failure was last reported (see `_reporting_io_errors`).
+    failures_reported: dict[int | None, float] = field(default_factory=dict)
 
 
 def _identity(status: os.stat_result) -> Identity:
     return status.st_ino, status.st_size, status.st_mtime_ns
 
 
-# A large payload is held only until the read that takes it; records are a few hundred
-# bytes, and a fan-out reads many of them between a record's two reads.
-_checked_payloads = _CheckedFiles(keep_last=4)
-_checked_records = _CheckedFiles(keep_last=256)
-
-
-def forget_checked_files() -> None:
-    """Read every entry afresh from now on, as a new process would (the benchmark's hits do)."""
-    for files in (_checked_payloads, _checked_records):
-        files.forget()
+# How long a hit's own reads are served from what `holds_hit` checked: they follow within
+# milliseconds; a run cancelled in between must not leave its files trusted for long.
+_TRUST_SECONDS = 60.0
 
 
 # Prefect swallows a storage failure (a failed read is a miss, a failed write leaves the result
@@ -319,22 +412,44 @@ def forget_checked_files() -> None:
 # dead mount is reported as an error by the caller.
 _QUIET_ERRNOS = {errno.ENOENT, errno.ENOTCONN, errno.ECONNABORTED}
 _REPORT_EVERY = 60.0
-_last_reported: dict[int | None, float] = {}
 
 
 @contextmanager
-def _reporting_io_errors(kind: str, path: Path, doing: str) -> Iterator[None]:
+def _reporting_io_errors(kind: str, path: Path, doing: str, reads: ReadState) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
         now = time.monotonic()
-        if exc.errno not in _QUIET_ERRNOS and now - _last_reported.get(exc.errno, -_REPORT_EVERY) >= _REPORT_EVERY:
-            _last_reported[exc.errno] = now
+        reported = reads.failures_reported
+        if exc.errno not in _QUIET_ERRNOS and now - reported.get(exc.errno, -_REPORT_EVERY) >= _REPORT_EVERY:
+            reported[exc.errno] = now
             logger.warning(
                 "the cache storage failed (%s %s %s/%s): results are computed and not cached until it recovers",
                 exc.strerror or type(exc).__name__, doing, kind, path.name,
             )
         raise
+
+
+def _refreshing() -> bool:
+    """Does the running task refresh its entry (`refresh_cache`, or PREFECT_TASKS_REFRESH_CACHE)?"""
+    from prefect.context import TaskRunContext
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE
+
+    context = TaskRunContext.get()
+    refresh = context.task.refresh_cache if context is not None else None
+    return bool(PREFECT_TASKS_REFRESH_CACHE.value() if refresh is None else refresh)
+
+
+def _expires_soon(expiration: str | None) -> bool:
+    """Will a record with this `expiration` (Prefect's ISO date) be expired by the time Prefect
+    looks at it again? Then it is no hit to take without the lock: Prefect computes it."""
+    if expiration is None:
+        return False
+    return datetime.fromisoformat(expiration).timestamp() <= time.time() + _EXPIRY_MARGIN
+
+
+# A record that expires this close to now is treated as expired already (see `_expires_soon`).
+_EXPIRY_MARGIN = 1.0
 
 
 def _current_task() -> dict[str, str | float | None]:

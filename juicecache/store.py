@@ -24,8 +24,8 @@ from typing import Any
 from juicecache.entryfile import DATA, LOCKS, RECORDS, RESULTS_BLOCK, Signer
 from juicecache.locking import FlockLockManager
 from juicecache.settings import Settings, load_settings
-from juicecache.storage import RESULTS, EntryStorage, StoreConfig
-from juicecache.transactions import commit_with_task
+from juicecache.storage import RESULTS, CheckedRecords, EntryStorage, ReadState, StoreConfig
+from juicecache.transactions import commit_with_task, release_after_failed_read
 from juicecache.volume import CacheLocation, cache_location
 
 logger = logging.getLogger("juicecache")
@@ -38,6 +38,7 @@ class Resolved:
     settings: Settings
     location: CacheLocation
     signer: Signer
+    reads: ReadState
     refused: list[tuple[Path, str]] = field(default_factory=list)
     not_stored: set[str] = field(default_factory=set)
 
@@ -61,15 +62,19 @@ class Store:
     Args:
         settings: what to resolve the location from; None (the default store) reads `.env`
             and the environment of the process that first uses the store.
+        remembered_records: how many checked records this process keeps, so that a later
+            run reads one again with a `stat` instead of an open and a read; 0 reads each
+            afresh on every run, as a new process would (the benchmark's hits).
     """
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, remembered_records: int = 256) -> None:
         self._settings = settings
+        self._remembered_records = remembered_records
         self._resolved: Resolved | None = None
         self._guard = threading.Lock()
-        self.lock_manager = FlockLockManager(self.locks_folder, self.lock_timeout, self.read_only)
         self.records = EntryStorage.create(RECORDS, self.config)
         self.data = EntryStorage.create(DATA, self.config)
+        self.lock_manager = FlockLockManager(self.locks_folder, self.lock_timeout, self.read_only, self.holds_hit)
 
     def resolve(self, settings: Settings | None = None) -> Resolved:
         """Resolve (again, when `settings` are given) where this store's entries go; warn once if falling back."""
@@ -79,7 +84,8 @@ class Store:
                 location = cache_location(settings)
                 if location.warning:
                     logger.warning(location.warning)
-                self._resolved = Resolved(settings, location, Signer(settings.signing_key.encode()))
+                reads = ReadState(CheckedRecords(self._remembered_records))
+                self._resolved = Resolved(settings, location, Signer(settings.signing_key.encode()), reads)
                 if self is DEFAULT_STORE:
                     register_results_block(self.data)
             return self._resolved
@@ -95,8 +101,14 @@ class Store:
     def config(self) -> StoreConfig:
         resolved = self.resolved
         return StoreConfig(
-            resolved.location.path, resolved.signer, resolved.note_refused, commit_with_task,
-            resolved.location.read_only, resolved.note_not_stored,
+            resolved.location.path,
+            resolved.signer,
+            on_refused=resolved.note_refused,
+            on_record_read=commit_with_task,
+            on_read_failed=release_after_failed_read,
+            read_only=self.read_only,
+            on_not_stored=resolved.note_not_stored,
+            reads=resolved.reads,
         )
 
     def locks_folder(self) -> Path:
@@ -108,10 +120,14 @@ class Store:
     def read_only(self) -> bool:
         return self.resolved.location.read_only
 
+    def holds_hit(self, key: str) -> bool:
+        """Is `key`'s entry committed and sound, so that its run needs no lock? (see `locking`)"""
+        return self.records.holds_hit(key)
+
     def __reduce__(self) -> tuple[Any, ...]:
         if self is DEFAULT_STORE:
             return (default_store, ())
-        return (Store, (self._settings,))
+        return (Store, (self._settings, self._remembered_records))
 
 
 def register_results_block(storage: EntryStorage) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from prefect.transactions import CommitMode, get_transaction
+from prefect.transactions import CommitMode, TransactionState, get_transaction
 
 # Where the running transaction keeps when its task's function started (see `compute_started`).
 _STARTED = "juicecache.compute-started"
@@ -33,6 +33,23 @@ def commit_with_task(key: str) -> None:
     transaction = get_transaction()
     if transaction is not None and transaction.key == key:
         transaction.commit_mode = CommitMode.EAGER
+
+
+def release_after_failed_read(key: str) -> None:
+    """Let go of the lock of cache key `key` when its hit could not be read.
+
+    A run that waited for the lock while another run computed the key finds the entry
+    under it; Prefect releases the lock when the transaction commits, and a read that fails
+    then (the metadata engine restarting) would keep it until the process ends: Prefect's
+    rollback skips a transaction that found its entry. Releasing it again later is a no-op.
+    """
+    transaction = get_transaction()
+    if transaction is None or transaction.key != key or transaction.state is not TransactionState.COMMITTED:
+        return
+    store = transaction.store
+    holder = transaction._holder  # what Prefect's own commit releases with
+    if store is not None and store.lock_manager is not None and store.is_lock_holder(key, holder):
+        store.release_lock(key, holder=holder)
 
 
 def compute_started() -> None:

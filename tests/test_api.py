@@ -7,20 +7,9 @@ must read from the mounted JuiceFS volume.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import REPO, Sandbox
-
-USER_FLOW = REPO / "tests" / "support" / "user_flow.py"
-# The scripts import juicecache from this checkout, as a user's project imports the installed one.
-ON_PATH = {"PYTHONPATH": str(REPO)}
-
-
-def run_flow(box: Sandbox, *calls: tuple[str, list, dict]) -> list[dict]:
-    done = box.run(json.dumps(calls), script=USER_FLOW, extra_env=ON_PATH)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
+from tests.support.environment import REPO, Sandbox
+from tests.support.runs import ON_PATH, USER_FLOW, run_flow, volume_status
 
 
 def states(outcomes: list[dict]) -> list[tuple[str, str, int]]:
@@ -87,27 +76,6 @@ def test_excluded_argument_is_left_out_of_the_key(sandbox: Sandbox) -> None:
     warnings = [line for line in done.stderr.splitlines() if "is not mounted" in line]
     assert len(warnings) == 1 and str(sandbox.fallback_dir) in warnings[0]
     assert (sandbox.fallback_dir / "records").is_dir()
-
-
-STATUS = """
-import json, sys
-import juicecache
-status = juicecache.volume_status()
-print(json.dumps({
-    "mounted": status.mounted, "volume": status.volume_name, "mount_point": str(status.mount_point),
-    "results": str(status.results_path), "warning": status.warning,
-    "settings_volume": juicecache.get_settings().volume_name, "prefect_imported": "prefect" in sys.modules,
-    "public": sorted(name for name in juicecache.__all__ if getattr(juicecache, name, None) is not None),
-}))
-"""
-
-
-def volume_status(box: Sandbox) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-c", STATUS], env={**box.env, **ON_PATH}, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def test_volume_status_says_where_results_go(sandbox: Sandbox) -> None:

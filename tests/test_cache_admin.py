@@ -11,25 +11,23 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from juicecache.entryfile import EntryHeader, Signer, write_atomically
-from tests.conftest import REPO, Sandbox, free_port, juicefs_client_pids
-from tests.test_api import ON_PATH, USER_FLOW, run_flow
-from tests.test_errors import assert_one_line_error
-
-
-def cache_folder(box: Sandbox) -> Path:
-    return box.mount_point / "prefect-cache"
-
-
-def run_json(box: Sandbox, *args: str) -> dict:
-    done = box.run(*args, "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+from tests.support.environment import REPO, Sandbox, juicefs_client_pids
+from tests.support.processes import free_port
+from tests.support.runs import (
+    ON_PATH,
+    USER_FLOW,
+    assert_one_line_error,
+    cache_folder,
+    listing_from_files,
+    run_flow,
+    run_json,
+    without_expired,
+)
 
 
 def entry_files(box: Sandbox, key: str) -> list[Path]:
@@ -61,34 +59,6 @@ def rewrite_expiration(record: Path, expiration: str | None) -> None:
     old = EntryHeader.from_line(header + b"\n")
     new = EntryHeader(len(content), Signer().digest(f"records/{record.name}", content), old.algorithm, None, old.host, old.created, old.task)
     write_atomically(record, [new.to_line(), content])
-
-
-def iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
-
-
-def listing_from_files(box: Sandbox) -> list[dict]:
-    """What `cache ls --json` must list ("expired" aside), read straight from the entry files
-    (header line, record body, payload size) without juicecache's scan or listing index; by key."""
-    root = cache_folder(box)
-    found = []
-    for record in (root / "records").iterdir():
-        raw = record.read_bytes()
-        line, body = raw.split(b"\n", 1)
-        header = json.loads(line.removeprefix(b"JCE1 "))
-        metadata = json.loads(body)
-        expiration = metadata.get("expiration")
-        found.append({
-            "key": record.name, "task": header["task"], "host": header["host"], "created": iso(header["created"]),
-            "expires": iso(datetime.fromisoformat(expiration).timestamp()) if expiration else None,
-            "size": len(raw) + (root / "data" / metadata["storage_key"]).stat().st_size, "problem": None,
-            "code": header.get("code"), "seconds": header.get("seconds"),
-        })
-    return sorted(found, key=lambda entry: entry["key"])
-
-
-def without_expired(entries) -> list[dict]:
-    return sorted(({k: v for k, v in entry.items() if k != "expired"} for entry in entries), key=lambda entry: entry["key"])
 
 
 def test_ls_stats_and_rm(mounted: Sandbox) -> None:
@@ -147,7 +117,7 @@ def test_ls_stats_and_rm(mounted: Sandbox) -> None:
 
     with HeldLock(mounted, keys[0]):
         busy = mounted.run("cache", "rm", keys[0])
-    assert busy.returncode == 1 and "being computed or read right now" in busy.stderr
+    assert busy.returncode == 1 and "being computed right now" in busy.stderr
     assert len(entry_files(mounted, keys[0])) == 2
 
     removed = run_json(mounted, "cache", "rm", keys[0], keys[1])

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from juicecache.entryfile import read_header
 from juicecache.volume import MountState, mount_info
-from tests.conftest import MAIN, Sandbox, free_port, is_mounted, wait_until
+from tests.support.environment import MAIN, Sandbox, is_mounted
+from tests.support.processes import free_port, wait_until
 
 
 def run_json(box: Sandbox, *values: str, extra: tuple[str, ...] = ()) -> tuple[dict, float]:

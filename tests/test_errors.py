@@ -5,22 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
 from juicecache.volume import MountState, mount_info
-from tests.conftest import Sandbox, free_port, juicefs_client_pids
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, done.stderr
-    assert "Traceback" not in done.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from tests.support.environment import Sandbox, juicefs_client_pids
+from tests.support.processes import free_port
+from tests.support.runs import assert_one_line_error
 
 
 @pytest.mark.parametrize(

@@ -29,11 +29,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import force_unmount, wait_until
 from tests.support import netns
 from tests.support.cluster import Cluster, Machine, machine_env, running_cluster
+from tests.support.driver import DRIVER, Driver
+from tests.support.environment import force_unmount
 from tests.support.fault_report import FaultReport
 from tests.support.leaks import CommandLines, prefect_records, secrets_found, world_writable
+from tests.support.processes import wait_until
 
 pytestmark = [
     pytest.mark.faults,
@@ -41,7 +43,6 @@ pytestmark = [
     pytest.mark.skipif(netns.unavailable_reason() is not None, reason=str(netns.unavailable_reason())),
 ]
 
-DRIVER = Path(__file__).parent / "support" / "fault_driver.py"
 RESULTS = "prefect-cache"
 WRONG = "wrong-" + secrets.token_hex(6)  # a wrong secret is a secret too: it must not be echoed either
 
@@ -77,35 +78,6 @@ def run_driver(machine: Machine, spec: dict, outputs: list[str], timeout: float 
     outputs.append(done.stdout + done.stderr)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in done.stdout.splitlines()]
-
-
-class Driver:
-    """A driver running in the background; its output is read as it comes, so no pipe ever fills."""
-
-    def __init__(self, machine: Machine, spec: dict) -> None:
-        self.process = machine.popen(json.dumps(spec), script=DRIVER, extra_env=QUIET)
-        self.lines: list[str] = []
-        self.errors: list[str] = []
-        self._readers = [
-            threading.Thread(target=self.lines.extend, args=(self.process.stdout,), daemon=True),
-            threading.Thread(target=self.errors.extend, args=(self.process.stderr,), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def finish(self, outputs: list[str], timeout: float = 300) -> list[dict]:
-        """Wait for it (killed if it overstays), and its runs."""
-        try:
-            self.process.wait(timeout=timeout)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            for reader in self._readers:
-                reader.join(timeout=10)
-        outputs.append("".join(self.lines + self.errors))
-        assert self.process.returncode == 0, "".join(self.errors)[-3000:]
-        return [json.loads(line) for line in self.lines]
 
 
 def markers(path: Path) -> list[dict]:
@@ -190,7 +162,7 @@ def test_redis_restart_during_a_batch(cluster: Cluster, outputs: list[str], faul
     keys = [f"redis-{secrets.token_hex(3)}-{i}" for i in range(12)]
     log = cluster.path / "a" / "markers-redis.jsonl"
     spec = {"calls": [{"key": key} for key in keys * 3], "work_seconds": 0.3, "payload_bytes": 2048, "markers": str(log), "pace": 0.5}
-    batch = Driver(cluster.a, spec)
+    batch = Driver(cluster.a, spec, QUIET)
     outage_started = time.monotonic()
     try:
         assert wait_until(lambda: len(batch.lines) >= 8, 120), "the batch did not start"
@@ -204,7 +176,7 @@ def test_redis_restart_during_a_batch(cluster: Cluster, outputs: list[str], faul
         up = cluster.stack("up")  # whatever happened: the next tests need Redis
         restarted = time.time()
         outage = time.monotonic() - outage_started
-        runs = batch.finish(outputs)
+        runs = batch.finish(outputs=outputs)
     stdout, stderr = meanwhile.communicate(timeout=120)
     during = subprocess.CompletedProcess(meanwhile.args, meanwhile.returncode, stdout, stderr)
     assert up.returncode == 0, up.stdout + up.stderr
@@ -369,13 +341,13 @@ def test_load_two_hosts(cluster: Cluster, outputs: list[str], fault_report: Faul
                 "work_seconds": work_seconds, "payload_bytes": 4096, "markers": str(log), "start_at": start_at,
                 "pace": 0.5,  # 25 runs over >= 12 s per process: entries expire, and are recomputed, during the load
             }
-            drivers.append(Driver(machine, spec))
+            drivers.append(Driver(machine, spec, QUIET))
     collecting, gc_runs = threading.Event(), []
     collector = threading.Thread(target=collect_gc, args=(cluster.a, collecting, gc_runs), daemon=True)
     if with_gc:
         collector.start()
     try:
-        runs = [run for driver in drivers for run in driver.finish(outputs)]
+        runs = [run for driver in drivers for run in driver.finish(outputs=outputs)]
     finally:
         collecting.set()
         for driver in drivers:

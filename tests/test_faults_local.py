@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 
 from juicecache.volume import MountState, mount_info
-from tests.conftest import REPO, Sandbox, juicefs_client_pids, wait_until
+from tests.support.environment import REPO, Sandbox, juicefs_client_pids
 from tests.support.fault_report import FaultReport
+from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.faults
 

@@ -14,7 +14,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import REPO, Sandbox, stop_group, wait_until
+from tests.support.environment import REPO, Sandbox
+from tests.support.processes import stop_group, wait_until
 
 SHAPES = REPO / "tests" / "support" / "run_shapes.py"
 ON_PATH = {"PYTHONPATH": f"{REPO}:{SHAPES.parent}"}

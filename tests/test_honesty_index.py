@@ -10,8 +10,8 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import MAIN, Sandbox
-from tests.test_cache_admin import cache_folder, listing_from_files, run_json, without_expired
+from tests.support.environment import MAIN, Sandbox
+from tests.support.runs import cache_folder, listing_from_files, run_json, without_expired
 
 
 def test_a_journal_left_by_a_crashed_scan_is_taken_once_stale(mounted: Sandbox) -> None:

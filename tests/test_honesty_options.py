@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from prefect.cache_policies import INPUTS
 
-from tests.conftest import REPO, Sandbox
+from tests.support.environment import REPO, Sandbox
 
 OPTIONS_FLOW = REPO / "tests" / "support" / "options_flow.py"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from juicecache.entryfile import read_header
-from tests.conftest import Sandbox
+from tests.support.environment import Sandbox
 
 OLD = {"JUICECACHE_SIGNING_KEY": "old-signing-key-0123456789"}
 NEW = {"JUICECACHE_SIGNING_KEY": "new-signing-key-9876543210"}
@@ -29,7 +29,7 @@ def signed_by(box: Sandbox) -> set[tuple[str, str | None]]:
 def test_rotated_and_removed_signing_keys(mounted: Sandbox) -> None:
     assert run(mounted, OLD) == (["miss", "miss"], [])
     old_id = signed_by(mounted)
-    assert len(old_id) == 1 and next(iter(old_id))[0] == "hmac-sha256"
+    assert len(old_id) == 1 and next(iter(old_id))[0] == "blake3-keyed"
 
     # Rotated: entries signed with the old key are refused (one warning each), then re-signed.
     caches, lines = run(mounted, NEW)
@@ -43,7 +43,7 @@ def test_rotated_and_removed_signing_keys(mounted: Sandbox) -> None:
     caches, lines = run(mounted, NONE)
     assert caches == ["miss", "miss"] and len(lines) == 2, lines
     assert all("refused (signed, but JUICECACHE_SIGNING_KEY is not set here" in line for line in lines), lines
-    assert signed_by(mounted) == {("sha256", None)}
+    assert signed_by(mounted) == {("blake3", None)}
     assert run(mounted, NONE) == (["hit", "hit"], [])
 
     # ... and the unsigned entries written meanwhile are refused once a key is set again.

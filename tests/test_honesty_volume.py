@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from juicecache.settings import SettingsError, load_settings
-from tests.conftest import MAIN, Sandbox, is_mounted, juicefs_client_pids
+from tests.support.environment import JUICECACHE_PREFIXES, MAIN, Sandbox, is_mounted, juicefs_client_pids
 from tests.support.exec_log import ExecLog
-from tests.test_api import volume_status
-from tests.test_errors import assert_one_line_error
+from tests.support.runs import assert_one_line_error, volume_status
 
 
 def test_another_volume_at_the_mount_point(mounted: Sandbox) -> None:
@@ -90,7 +89,7 @@ def environment() -> Iterator[None]:
 
 
 def settings_with(monkeypatch, tmp_path: Path, env_file: str | None, **values: str):
-    for name in [name for name in os.environ if name.startswith(("JFS_", "JUICECACHE_", "META_"))]:
+    for name in [name for name in os.environ if name.startswith(JUICECACHE_PREFIXES)]:
         monkeypatch.delenv(name)
     if env_file is not None:
         (tmp_path / ".env").write_text(env_file)

@@ -7,9 +7,10 @@ import os
 import threading
 import time
 
-from juicecache.entries import Remover
 from juicecache.locking import FlockLockManager
-from tests.conftest import Sandbox, wait_until
+from juicecache.removal import Remover
+from tests.support.environment import Sandbox
+from tests.support.processes import wait_until
 
 
 def test_a_waiter_on_a_removed_lock_file_locks_the_new_one(mounted: Sandbox) -> None:

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from juicecache.entries import Outcome, Remover
 from juicecache.entryfile import DATA, RECORDS, read_header, write_atomically
+from juicecache.removal import Outcome, Remover
 from juicecache.volume import MountState, mount_info
-from tests.conftest import REPO, force_unmount, juicefs_client_pids, wait_until
 from tests.support import netns
 from tests.support.cluster import Cluster, Machine, machine_env, running_cluster
+from tests.support.environment import REPO, force_unmount, juicefs_client_pids
+from tests.support.processes import wait_until
 
 pytestmark = [
     pytest.mark.multihost,
@@ -159,7 +160,7 @@ def test_killed_lock_holder_does_not_block_the_key(cluster: Cluster) -> None:
     SIGKILLed. Without the lock B would compute at once; with a lock that outlived its holder
     it would give up or wait for the timeout."""
     from juicecache.cli.run import parse_value
-    from juicecache.flow import TASK_SECONDS, cache_key
+    from juicecache.demo.flow import TASK_SECONDS, cache_key
 
     values = new_inputs()
     key = cache_key([parse_value(value) for value in values])
@@ -209,7 +210,7 @@ def open_files(pid: int) -> list[str]:
 def test_waiter_that_gives_up_says_so(cluster: Cluster) -> None:
     """The lock is held through host A's mount by this test process, for as long as it takes."""
     from juicecache.cli.run import parse_value
-    from juicecache.flow import cache_key
+    from juicecache.demo.flow import cache_key
     from juicecache.locking import FlockLockManager
 
     values = new_inputs()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, Sandbox
+from tests.support.environment import REPO, Sandbox
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
-from tests.conftest import Sandbox
-
-
-def run_json(box: Sandbox, *args: str) -> dict:
-    done = box.run(*args, "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+from tests.support.environment import Sandbox
+from tests.support.runs import run_json
 
 
 def test_only_new_items_are_computed(mounted: Sandbox) -> None:

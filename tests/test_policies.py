@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO, Sandbox
+from tests.support.environment import REPO, Sandbox
 
 POLICY_FLOWS = REPO / "tests" / "support" / "policy_flows.py"
 WORK_SECONDS = 4.0  # policy_flows.WORK_SECONDS: how long each computation lasts

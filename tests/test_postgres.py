@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from juicecache.devstack.stack import _postgres_bindir
 from juicecache.locking import FlockLockManager
-from juicecache.stack import _postgres_bindir, free_ports
-from tests.conftest import REPO
 from tests.support import netns
 from tests.support.cluster import Cluster, running_cluster
+from tests.support.environment import REPO, isolated_env
+from tests.support.processes import free_ports
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the PostgreSQL profile's tests run PostgreSQL as postgres: need root")
 
@@ -64,13 +65,12 @@ def test_stack_up_status_down_with_postgres(tmp_path: Path) -> None:
     meta_password = secrets.token_hex(8)
     secret_key = secrets.token_hex(12)
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("JFS_", "JUICECACHE_", "PREFECT_", "META_"))},
-        "JUICECACHE_ROOT": str(root), "JUICECACHE_ENV_FILE": str(root / "empty.env"),
+        **isolated_env(root),
+        "JUICECACHE_ROOT": str(root),
         "JFS_META_URL": f"postgres://juicefs@127.0.0.1:{base}/juicefs?sslmode=disable", "META_PASSWORD": meta_password,
         "JFS_STORAGE": "s3", "JFS_BUCKET": f"http://127.0.0.1:{base + 1}/juicecache",
         "JFS_ACCESS_KEY": "juicecache", "JFS_SECRET_KEY": secret_key,
     }
-    (root / "empty.env").write_text("")
     stack_dir = root / ".juicecache" / "stack"
 
     def stack(action: str) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import REPO, Sandbox
+from tests.support.environment import REPO, Sandbox
 
 REPORT_FLOW = REPO / "tests" / "support" / "report_flow.py"
 

@@ -20,15 +20,13 @@ from pathlib import Path
 import pytest
 
 from juicecache.entryfile import EntryHeader, EntryRefused, read_header, write_atomically
-from tests.conftest import REPO, Sandbox, wait_until
 from tests.support.big_result import payload
+from tests.support.environment import REPO, Sandbox
+from tests.support.processes import wait_until
+from tests.support.runs import cache_folder
 
 BIG_RESULT = REPO / "tests" / "support" / "big_result.py"
 SIGNING = {"JUICECACHE_SIGNING_KEY": "test-signing-key-0123456789"}
-
-
-def cache_folder(box: Sandbox) -> Path:
-    return box.mount_point / "prefect-cache"
 
 
 def warnings(stderr: str) -> list[str]:
@@ -166,7 +164,7 @@ def test_tampered_signed_entries_are_refused_and_never_unpickled(mounted: Sandbo
     unsigned, forged, edited = (item["key"] for item in first["items"])
     root = cache_folder(mounted)
     markers = {case: mounted.path / f"unpickled-{case}" for case in ("unsigned", "forged", "edited")}
-    assert read_header(root / "data" / unsigned).algorithm == "hmac-sha256"
+    assert read_header(root / "data" / unsigned).algorithm == "blake3-keyed"
     for key in (unsigned, forged):  # cases 1 and 2 keep the record, which names juicecache's raw pickles
         assert json.loads((root / "records" / key).read_bytes().split(b"\n", 1)[1])["serializer"]["type"] == "juicecache-pickle"
 
@@ -209,7 +207,7 @@ def test_tampered_signed_entries_are_refused_and_never_unpickled(mounted: Sandbo
     assert any(f"data/{forged} refused (signature mismatch" in line for line in lines), lines
     assert any(f"records/{edited} refused (signature mismatch" in line for line in lines), lines
     for key in (unsigned, forged, edited):
-        assert read_header(root / "data" / key).algorithm == "hmac-sha256"
+        assert read_header(root / "data" / key).algorithm == "blake3-keyed"
 
 
 def test_an_entry_replaced_since_this_process_read_it_is_read_again(mounted: Sandbox) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from juicecache.volume import MountState, mount_info
-from tests.conftest import REPO, Sandbox, free_port, is_mounted, juicefs_client_pids
+from tests.support.environment import REPO, Sandbox, is_mounted, juicefs_client_pids
+from tests.support.processes import free_port
 
 START = REPO / "start_juice.sh"
 STOP = REPO / "stop_juice.sh"

@@ -16,8 +16,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from juicecache import stack
-from juicecache.stack import (
+from juicecache.devstack import stack
+from juicecache.devstack.stack import (
     StackConfig,
     StackError,
     stack_running,

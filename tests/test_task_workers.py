@@ -26,9 +26,10 @@ from pathlib import Path
 import pytest
 
 from juicecache.entryfile import read_header
-from tests.conftest import Sandbox, is_mounted, stop_group, wait_until
 from tests.support import netns
 from tests.support.cluster import Machine, running_cluster
+from tests.support.environment import Sandbox, is_mounted
+from tests.support.processes import stop_group, wait_until
 
 WORKER_FLOW = Path(__file__).parent / "support" / "task_worker_flow.py"
 # Prefect 3.9.1's task worker can deadlock when a run's thread first sends logs to the API

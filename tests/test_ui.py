@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,17 +25,9 @@ import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from tests.conftest import (
-    MAIN,
-    REPO,
-    Sandbox,
-    api_answers,
-    force_unmount,
-    free_port,
-    sandbox_env,
-    stop_group,
-    wait_until,
-)
+from tests.support.environment import MAIN, REPO, Sandbox, local_sandbox
+from tests.support.prefect_server import PrefectServer
+from tests.support.processes import free_port, wait_until
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright never downloads a browser here
 # On top of Playwright's own switches (which already turn off background networking and
@@ -64,30 +55,25 @@ def ui_sandbox() -> Iterator[tuple[Sandbox, str]]:
 
     The folder's name is short so the entry paths fit in the artifact's screenshot.
     """
-    folder = Path(tempfile.mkdtemp(prefix="jc-ui-"))
     port = free_port()
     ui_url = f"http://127.0.0.1:{port}"
-    box = Sandbox(folder, sandbox_env(folder, f"{ui_url}/api"))
-    box.env.update(PREFECT_UI_HOST="127.0.0.1", PREFECT_UI_PORT=str(port))
-    log_path = folder / "ui-server.log"
-    try:
-        with open(log_path, "wb") as log:
-            server = subprocess.Popen(
-                [sys.executable, str(MAIN), "ui"], env=box.env, stdout=log, stderr=subprocess.STDOUT,
+    folder = Path(tempfile.mkdtemp(prefix="jc-ui-"))
+    with local_sandbox(folder, f"{ui_url}/api") as box:
+        box.env.update(PREFECT_UI_HOST="127.0.0.1", PREFECT_UI_PORT=str(port))
+        log = folder / "ui-server.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, str(MAIN), "ui"], env=box.env, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
+        server = PrefectServer(process, f"{ui_url}/api", log)
         try:
-            started = wait_until(lambda: api_answers(f"{ui_url}/api") or server.poll() is not None, timeout=120)
-            if not started or server.poll() is not None:
-                pytest.fail(f"`main.py ui` did not start: {log_path.read_text()[-2000:]}")
+            server.wait_ready()
             mounted = box.run("mount", timeout=90)
             assert mounted.returncode == 0, mounted.stderr
             yield box, ui_url
         finally:
-            stop_group(server)
-    finally:
-        force_unmount(box.mount_point)
-        shutil.rmtree(folder, ignore_errors=True)
+            server.stop()
 
 
 @pytest.fixture

@@ -33,11 +33,13 @@ def main(argv: Sequence[str] | None = None, root: Path | None = None) -> int:
             parser, handler = run.command()
         options = parser.parse_args(argv)
         return handler(load_settings(root), options)
+    # Messages are plain text, printed as they are: not Rich markup, which would swallow a
+    # `[devstack]` in `pip install 'juicecache[devstack]'` or a bracketed file name.
     except UsageError as exc:
-        err.print(f"{prog()}: error: {exc}")
+        err.print(f"{prog()}: error: {exc}", markup=False)
         return 2
     except (SettingsError, VolumeError, CliError) as exc:
-        err.print(f"{prog()}: error: {exc}")
+        err.print(f"{prog()}: error: {exc}", markup=False)
         return 1
     except KeyboardInterrupt:
         err.print(f"{prog()}: interrupted")

@@ -32,19 +32,8 @@ from juicecache.cli.common import (
     progress_bar,
 )
 from juicecache.cli.run import describe_failure
-from juicecache.entries import (
-    Entry,
-    Removal,
-    RemovalReport,
-    Remover,
-    Scan,
-    Stats,
-    VolumeUsage,
-    plan_gc,
-    removable_leftovers,
-    remove_all,
-    scan,
-)
+from juicecache.removal import Removal, RemovalReport, Remover, plan_gc, removable_leftovers, remove_all
+from juicecache.scan import Entry, Scan, Stats, VolumeUsage, scan
 from juicecache.settings import Settings, parse_duration
 from juicecache.volume import cache_location
 
@@ -67,7 +56,7 @@ def commands() -> Commands:
     gc = actions.add_parser(
         "gc", help="remove expired, old or excess entries",
         description="Remove entries that can never be hits, expired ones (--expired), old ones (--older-than), "
-        "then the oldest until the cache fits --max-size. Entries being computed or read right now are skipped. "
+        "then the oldest until the cache fits --max-size. Entries being computed right now are skipped (a run reading one keeps what it read). "
         "Without options: --expired.",
     )
     gc.add_argument("--expired", action="store_true", help="remove expired entries")
@@ -174,7 +163,7 @@ def cmd_rm(settings: Settings, args: argparse.Namespace) -> int:
         for key in removed:
             out.print(f"removed {key}")
         for key in busy:
-            err.print(f"{prog()}: {key} is being computed or read right now: not removed")
+            err.print(f"{prog()}: {key} is being computed right now: not removed")
         for key in missing:
             err.print(f"{prog()}: no cache entry {key}")
     return 0 if not (busy or missing) else 1

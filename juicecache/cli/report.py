@@ -10,8 +10,8 @@ from pathlib import Path
 from rich.filesize import decimal
 
 from juicecache.cli.common import CliError, duration, err, out, print_json, print_pairs, progress_bar
-from juicecache.entries import Scan
 from juicecache.report import ServerUnreachable, TaskReport, build, draw, fetch_runs, totals
+from juicecache.scan import Scan
 from juicecache.settings import Settings, mask_url, parse_duration
 
 

@@ -15,9 +15,9 @@ from rich.filesize import decimal
 from rich.markup import escape
 
 from juicecache.cli.common import Commands, Parser, invocation, print_json, print_pairs, prog
-from juicecache.entries import VolumeUsage
 from juicecache.entryfile import Signer
 from juicecache.prefect_server import server_answers
+from juicecache.scan import VolumeUsage
 from juicecache.settings import Settings, mask_url
 from juicecache.volume import MountState, VolumeError, cache_location, mount_info
 

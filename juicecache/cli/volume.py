@@ -8,12 +8,13 @@ import sys
 from typing import TYPE_CHECKING
 
 from juicecache.cli.common import CliError, Commands, Parser, out, prog
+from juicecache.extras import MissingExtra
 from juicecache.prefect_server import BackgroundServer
 from juicecache.settings import Settings, apply_prefect_settings
 from juicecache.volume import mount_volume, unmount_volume
 
 if TYPE_CHECKING:
-    from juicecache.stack import StackConfig
+    from juicecache.devstack.stack import StackConfig
 
 
 def commands() -> Commands:
@@ -49,8 +50,10 @@ def cmd_unmount(settings: Settings, options: argparse.Namespace) -> int:
 
 
 def cmd_stack(settings: Settings, options: argparse.Namespace) -> int:
-    from juicecache.stack import StackError, stack_config, stack_running, start_stack, stop_stack
-
+    try:
+        from juicecache.devstack.stack import StackError, stack_config, stack_running, start_stack, stop_stack
+    except MissingExtra as exc:
+        raise CliError(str(exc)) from None
     try:
         config = stack_config(settings)
         if options.action == "up":
@@ -70,7 +73,7 @@ def cmd_stack(settings: Settings, options: argparse.Namespace) -> int:
 
 def _print_postgres_settings(config: StackConfig) -> None:
     """The .env lines for JuiceFS and the Prefect server on this PostgreSQL; passwords by where they are."""
-    from juicecache.stack import PREFECT_DB, PREFECT_PASSWORD_ENV, postgres_password
+    from juicecache.devstack.stack import PREFECT_DB, PREFECT_PASSWORD_ENV, postgres_password
 
     def source(role: str, setting: str) -> str:
         _, path = postgres_password(config, role)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout, as main.py passes it
 if __name__ == "__main__":
     start_at, began_log, args = float(sys.argv[1]), sys.argv[2], sys.argv[3:]
     prepare_prefect(load_settings(ROOT))  # Prefect reads its settings at import: as main.py would, before it
-    import juicecache.flow  # noqa: F401  (Prefect and the demo flow: the slow imports, before the barrier)
+    import juicecache.demo.flow  # noqa: F401  (Prefect and the demo flow: the slow imports, before the barrier)
 
     time.sleep(max(0.0, start_at - time.time()))
     with open(began_log, "a") as log:  # one short append: atomic between processes

@@ -15,12 +15,17 @@ every run, every computation and every entry file left on the volume:
   JuiceFS session was lost, killed, frozen or cut off, so its lock went with it), else it
   counts as unexplained, and the full soak (`make chaos`) fails; `make test`'s short one reports it;
 - errors, by kind.
+
+Which host lost its JuiceFS session, and when, is read from the clients' own logs
+(`session_losses`): JuiceFS logs every stale session a client cleans up, locks included.
 """
 
 from __future__ import annotations
 
 import collections
+import datetime
 import json
+import math
 import os
 import random
 import re
@@ -28,15 +33,16 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from juicecache.entryfile import DATA, RECORDS, TEMP_PREFIX, EntryHeader, EntryRefused, Signer
-from tests.conftest import force_unmount, juicefs_client_pids, wait_until
 from tests.support.cluster import Cluster, Machine
+from tests.support.driver import DRIVER
+from tests.support.environment import force_unmount, juicefs_client_pids
+from tests.support.processes import wait_until
 
-DRIVER = Path(__file__).parent / "fault_driver.py"
 RESULTS = "prefect-cache"
 # The drivers' own console stays quiet; fleet hosts never fall back to a local folder (see .env.example).
 QUIET = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING", "JUICECACHE_REQUIRE_VOLUME": "1"}
@@ -134,6 +140,49 @@ def markers(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+# -- JuiceFS sessions --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionLoss:
+    """A host's JuiceFS session removed as stale while it was that host's session: every lock
+    its processes held went with it (JuiceFS has no fencing: they do not know)."""
+
+    host: str  # whose session it was
+    sid: int
+    at: float  # epoch seconds
+    by: str  # the host whose client cleaned it up (a host may clean up its own, see docs/reliability.md)
+
+
+_LOGGED = r"^(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d\.\d+) juicefs\[\d+\] <\w+>: "
+_CREATED = re.compile(_LOGGED + r"Create session (\d+) OK", re.M)
+_CLEANED = re.compile(_LOGGED + r"clean up stale session (\d+) ", re.M)
+
+
+def session_losses(logs: dict[str, str]) -> list[SessionLoss]:
+    """Every session cleaned up while it was still its host's, from the JuiceFS logs by host name.
+
+    A client logs `Create session N OK` when it mounts and `clean up stale session N ...` for
+    each expired session it removes. Session N is host H's from H's `Create session N` until
+    H mounts again; the cleanup of a session H had already replaced (a killed client, mounted
+    again) takes nothing from H's runs, and is left out.
+    """
+
+    def when(text: str) -> float:  # JuiceFS logs this machine's local time
+        return datetime.datetime.strptime(text, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+
+    created = sorted((when(at), int(sid), host) for host, log in logs.items() for at, sid in _CREATED.findall(log))
+    owner = {sid: host for _, sid, host in created}
+    losses = []
+    for by, log in logs.items():
+        for at, sid in _CLEANED.findall(log):
+            host, moment = owner.get(int(sid)), when(at)
+            current = [s for made, s, h in created if h == host and made <= moment]
+            if host is not None and current and current[-1] == int(sid):
+                losses.append(SessionLoss(host, int(sid), moment, by))
+    return sorted(losses, key=lambda loss: loss.at)
+
+
 # -- the soak ----------------------------------------------------------------------------------
 
 
@@ -214,6 +263,9 @@ class SoakConfig:
 
 
 KINDS = ("killed runs", "client killed", "client frozen", "Redis restarted", "S3 stopped", "host partitioned")
+# A key computed within the expiry of its previous computation: (the previous computation, this
+# one, why: the fault and the evidence the checker found; empty when it found none).
+Recomputation = tuple[dict, dict, str]
 
 
 @dataclass
@@ -230,27 +282,55 @@ class SoakResult:
     refused: list[dict]
     checked_entries: int
     scans: int
-    duplicates: dict[str, list[tuple[dict, dict]]]
+    duplicates: dict[str, list[Recomputation]]
     errors: collections.Counter
     warnings: collections.Counter
     final_runs: list[dict]
     wall: float
     started: float = 0.0
+    session_losses: list[SessionLoss] = field(default_factory=list)
 
-    def explain(self, pair: tuple[dict, dict]) -> str:
-        """One recomputation within an expiry, in full: both computations, their runs, the faults then."""
+    def explain(self, recomputation: Recomputation) -> str:
+        """One recomputation within an expiry, in full: both computations, their runs, why (if
+        the checker found a reason), the faults and the JuiceFS sessions lost."""
         t = self.started
+        before, after, why = recomputation
         lines = []
-        for m in pair:
+        for m in (before, after):
             run = [r for r in self.runs if r["pid"] == m["pid"] and r["key"] == m["key"] and r["start"] <= m["start"] <= r["end"]]
-            shown = [(r["state"], r["value_ok"], r["warnings"], r["error"], round(r["end"] - t, 2)) for r in run]
+            shown = [(r["state"], r["value_ok"], r["warnings"], r["error"], round(r["start"] - t, 2), round(r["end"] - t, 2)) for r in run]
             lines.append(f"{m['key']} on {m['client']} pid {m['pid']}: {m['start'] - t:.2f}-{m['end'] - t:.2f} s; run {shown}")
+        lines += [f"why: {why}"] if why else []
         lines += [f"fault {f.kind} {f.host or ''} {f.start - t:.1f}-{f.end - t:.1f} s {f.detail}" for f in self.faults]
+        lines += [f"session {loss.sid} of host {loss.host} cleaned up by {loss.by} at {loss.at - t:.2f} s" for loss in self.session_losses]
         return "\n".join(lines)
 
     @property
-    def unexplained(self) -> list[tuple[dict, dict]]:
+    def unexplained(self) -> list[Recomputation]:
         return self.duplicates.get("unexplained", [])
+
+    def write_events(self, path: Path) -> None:
+        """The soak's event log, one JSON line each, times in seconds from the soak's start
+        (`started`, in the first line): every fault, every JuiceFS session lost, every run
+        each driver reported, every computation (marker), then each recomputation within an
+        expiry with the checker's verdict and its reason. What a reader needs to check a
+        verdict, or to find the cause of an unexplained one."""
+        t = self.started
+
+        def at(line: dict, *names: str) -> dict:
+            return {**line, **{name: round(line[name] - t, 3) for name in names if line.get(name)}}
+
+        lines = [{"event": "config", **vars(self.config), "started": t}]
+        lines += [{"event": "fault", **at(vars(fault), "start", "end")} for fault in self.faults]
+        lines += [{"event": "session lost", **at(vars(loss), "at")} for loss in self.session_losses]
+        lines += [{"event": "run", **at(run, "start", "end")} for run in sorted(self.runs, key=lambda r: r["start"])]
+        lines += [{"event": "computation", **at(m, "start", "end")} for m in self.computations]
+        lines += [
+            {"event": "recomputation", "verdict": verdict, "why": why, "before": at(before, "start", "end"),
+             "after": at(after, "start", "end")}
+            for verdict, found in self.duplicates.items() for before, after, why in found
+        ]
+        path.write_text("".join(json.dumps(line, default=str) + "\n" for line in lines))
 
     def summary_lines(self) -> list[str]:
         c = self.config
@@ -296,6 +376,8 @@ def error_kind(text: str) -> str:
 def warning_kind(text: str) -> str:
     if "refused" in text:
         return "entry refused (unreadable)"
+    if "cache storage failed" in text and " reading " in text:
+        return "not read: cache storage failed (computed instead)"
     if "cache storage failed" in text:
         return "not stored: cache storage failed"
     if "could not release" in text:
@@ -492,16 +574,21 @@ class Soak:
         computations = sorted(tagged, key=lambda m: (m["key"], m["start"]))
         final_pids = set(final.values())
         computations = [m for m in computations if m["pid"] not in final_pids]
+        # Which host's JuiceFS session was lost when, from every client's log (see `session_losses`).
+        logs = {name: (machine.cache_dir / "juicefs-mount.log") for name, machine in self.hosts.items()}
+        losses = session_losses({name: log.read_text(errors="replace") for name, log in logs.items() if log.exists()})
         return SoakResult(
             config=c, hosts=sorted(self.hosts), faults=self.faults, runs=runs, computations=computations,
             killed_children=len(self.killed), overran=len(overran),
             wrong=[run for run in runs + final_runs if run["value_ok"] is False],
             unreadable=self.unreadable, checked_entries=self.checked, scans=self.scans,
             refused=[run for run in runs + final_runs if any("refused" in w for w in run["warnings"])],
-            duplicates=classify_duplicates(computations, runs, self.faults, c, self.killed | set(overran)),
+            duplicates=classify_duplicates(
+                computations, runs, self.faults, c, self.killed | set(overran), losses, self.started
+            ),
             errors=collections.Counter(error_kind(run["error"] or "") for run in runs if run["state"] not in ("Cached", "Completed")),
             warnings=collections.Counter(warning_kind(w) for run in runs for w in run["warnings"]),
-            final_runs=final_runs, wall=wall, started=self.started,
+            final_runs=final_runs, wall=wall, started=self.started, session_losses=losses,
         )
 
 
@@ -509,17 +596,31 @@ HOST_FAULTS = ("client killed", "client frozen", "host partitioned")
 
 
 def classify_duplicates(
-    computations: list[dict], runs: list[dict], faults: list[Fault], config: SoakConfig, killed: set[int]
-) -> dict[str, list[tuple[dict, dict]]]:
+    computations: list[dict], runs: list[dict], faults: list[Fault], config: SoakConfig, killed: set[int],
+    losses: Sequence[SessionLoss] = (), started: float = 0.0,
+) -> dict[str, list[Recomputation]]:
     """Each computation of a key that started before its previous computation's entry expired, by why.
 
-    Its entry's expiry counts from after the body ended (`end`), as in the load test.
-    - "after a store that failed": the previous computation's run reported a failure, or a
-      warning that its entry was not stored;
+    Its entry's expiry counts from after the body ended (`end`), as in the load test. `losses`:
+    the JuiceFS sessions cleaned up (`session_losses`); `started`: times in the reasons count from it.
+    - "after a store that failed": the previous computation's run failed, or its commit
+      failed (Prefect's error, which the driver reports as `not_stored`), or it warned of
+      anything but a failed read (a run that could not read an entry computed it; what
+      became of its store is for the rules below);
     - "after its writer was killed": the previous computation's process was killed before
       reporting (by the soak, or with its host's client);
-    - "across a takeover": the previous computing host lost its JuiceFS session (client
-      killed, frozen or cut off; or Redis down at least a session's expiry) between the two;
+    - "across a takeover": the JuiceFS logs show the previous computing host's session
+      cleaned up while that run held the key's lock, and the later run took the lock after
+      that and before the earlier one let it go (both held it: the lock went with the
+      session), during a fault that let the session expire (its client frozen, cut off or
+      killed, or Redis down; see `_lock_lost`);
+    - "across a takeover, after its host came back": the same, with the cleanup after that
+      fault had ended (a client back from a long partition can lose its session once more,
+      see docs/reliability.md);
+    - "after a late writer replaced the entry": a third computation of the key, on a host that
+      lost its session while it held the lock (JuiceFS log), ended its run after the previous
+      computation, and its own entry, older, had expired when the later run looked: that late
+      write replaced the previous computation's entry (no fencing, juicedata/juicefs#7462);
     - "across a storage outage": S3 or Redis was down between the two (the entry could not
       be stored, or the later run could not read it and computed instead, as documented);
     - "on a host that could not read the entry then": the later host was cut off or frozen;
@@ -528,30 +629,123 @@ def classify_duplicates(
     runs_by_pid: dict[int, list[dict]] = collections.defaultdict(list)
     for run in runs:
         runs_by_pid[run["pid"]].append(run)
-    found: dict[str, list[tuple[dict, dict]]] = collections.defaultdict(list)
+    by_key: dict[str, list[dict]] = collections.defaultdict(list)
+    for m in computations:
+        by_key[m["key"]].append(m)
+
+    def run_of(m: dict) -> dict | None:
+        return next((r for r in runs_by_pid.get(m["pid"], []) if r["key"] == m["key"] and r["start"] <= m["start"] <= r["end"]), None)
+
+    def named(fault: Fault) -> str:
+        return f"{fault.kind}{' ' + fault.host if fault.host else ''} {fault.start - started:.1f}-{fault.end - started:.1f} s"
+
+    def lost(loss: SessionLoss, fault: Fault) -> str:
+        return (f"host {loss.host}'s JuiceFS session {loss.sid} cleaned up (by {loss.by}) at {loss.at - started:.1f} s, "
+                f"its session expired by {named(fault)}")
+
+    found: dict[str, list[Recomputation]] = collections.defaultdict(list)
     for before, after in zip(computations, computations[1:], strict=False):
         if before["key"] != after["key"] or after["start"] > before["end"] + config.expire:
             continue
-        run = next((r for r in runs_by_pid.get(before["pid"], []) if r["key"] == before["key"] and r["start"] <= before["start"] <= r["end"]), None)
+        run = run_of(before)
+        # A warning about reading (the run could not read an entry, and computed) says nothing of its store.
+        stored_nothing = [
+            *(run or {}).get("not_stored", []),
+            *(w for w in (run or {}).get("warnings", []) if warning_kind(w) != "not read: cache storage failed (computed instead)"),
+        ]
         between = [fault for fault in faults if fault.start <= after["end"] and fault.end >= before["start"] - 1]
-        lost_session = any(
-            (fault.kind in HOST_FAULTS and fault.host == before["client"])
-            or (fault.kind == "Redis restarted" and fault.end - fault.start >= config.session_expiry)
-            for fault in between
-        )
-        if run is not None and (run["state"] != "Completed" or run["warnings"]):
-            found["after a store that failed"].append((before, after))
-        elif run is None and (before["pid"] in killed or lost_session):
-            found["after its writer was killed"].append((before, after))
-        elif lost_session:
-            found["across a takeover"].append((before, after))
-        elif any(fault.kind in ("S3 stopped", "Redis restarted") for fault in between):
+        lock_lost = _lock_lost(before, run, run_of(after), after, losses, faults, config)
+        late = _late_writer(before, after, by_key[before["key"]], run_of, losses, faults, config)
+        storage = next((fault for fault in between if fault.kind in ("S3 stopped", "Redis restarted")), None)
+        unreadable = next((fault for fault in between if fault.kind in HOST_FAULTS and fault.host == after["client"]), None)
+        if run is not None and (run["state"] != "Completed" or stored_nothing):
+            verdict, why = "after a store that failed", f"its run {run['state']}: {(stored_nothing or [run['error']])[0]}"
+        elif run is None and (before["pid"] in killed or lock_lost):
+            verdict, why = "after its writer was killed", f"pid {before['pid']} was killed before it reported"
+        elif lock_lost is not None:
+            loss, fault = lock_lost
+            verdict = "across a takeover, after its host came back" if loss.at > fault.end else "across a takeover"
+            why = f"{lost(loss, fault)}; pid {before['pid']} held the key's lock then"
+        elif late is not None:
+            writer, writer_run, loss, fault = late
+            verdict = "after a late writer replaced the entry"
+            why = (f"pid {writer['pid']} on {writer['client']} computed at {writer['start'] - started:.1f}-{writer['end'] - started:.1f} s, "
+                   f"lost its lock ({lost(loss, fault)}), and its run wrote its entry by {writer_run['end'] - started:.1f} s: "
+                   f"expired at about {writer['end'] + config.expire - started:.1f} s")
+        elif storage is not None:
             # Storage warnings are reported once a minute per process, so the runs cannot say which:
             # the entry was not stored, or the later run could not read it and computed instead.
-            found["across a storage outage (entry not stored, or not readable then)"].append((before, after))
-        elif any(fault.kind in HOST_FAULTS and fault.host == after["client"] for fault in between):
-            found["on a host that could not read the entry then (cut off or frozen)"].append((before, after))
+            verdict, why = "across a storage outage (entry not stored, or not readable then)", named(storage)
+        elif unreadable is not None:
+            verdict, why = "on a host that could not read the entry then (cut off or frozen)", named(unreadable)
         else:
-            found["unexplained"].append((before, after))
+            verdict, why = "unexplained", ""
+        found[verdict].append((before, after, why))
     return dict(found)
 
+
+def _session_fault(loss: SessionLoss, faults: list[Fault], config: SoakConfig) -> Fault | None:
+    """The injected fault that let a lost session expire: the last one that froze, cut off or
+    killed its host's client (or took Redis down), begun before the cleanup and ended at most
+    two session expiries before it. A session lost with no such fault has no explanation here."""
+    return max(
+        (
+            fault for fault in faults
+            if ((fault.kind in HOST_FAULTS and fault.host == loss.host) or fault.kind == "Redis restarted")
+            and fault.start <= loss.at <= fault.end + 2 * config.session_expiry
+        ),
+        key=lambda fault: fault.start, default=None,
+    )
+
+
+def _held(m: dict, run: dict | None) -> tuple[float, float]:
+    """When computation `m`'s run held its key's lock, as its driver reported it (`locked`,
+    `released`); a run that did not report (killed), or an older event log, is bounded by the
+    run's start and end, or by the computation itself."""
+    if run is None:
+        return m["start"] - 1, math.inf
+    return run.get("locked") or run["start"], run.get("released") or run["end"]
+
+
+def _lock_lost(
+    m: dict, run: dict | None, other_run: dict | None, other: dict | None,
+    losses: Sequence[SessionLoss], faults: list[Fault], config: SoakConfig,
+) -> tuple[SessionLoss, Fault] | None:
+    """The session loss that took computation `m`'s lock, and the fault that explains it: its
+    host's session cleaned up after `m`'s run took the lock and before it let it go, after a
+    fault on that host. With `other` (the computation that followed): it took the lock after
+    that cleanup and before `m`'s run let go of it, so the two held the key at once."""
+    locked, released = _held(m, run)
+    if other is not None:
+        taken = _held(other, other_run)[0]
+        if taken >= released:  # `other` took the lock once `m` had let it go: no lock was lost between them
+            return None
+        released = min(released, taken)
+    for loss in losses:
+        if loss.host == m["client"] and locked <= loss.at <= released:
+            fault = _session_fault(loss, faults, config)
+            if fault is not None:
+                return loss, fault
+    return None
+
+
+def _late_writer(
+    before: dict, after: dict, same_key: list[dict], run_of: Callable[[dict], dict | None],
+    losses: Sequence[SessionLoss], faults: list[Fault], config: SoakConfig,
+) -> tuple[dict, dict, SessionLoss, Fault] | None:
+    """A computation of the same key that could have replaced `before`'s entry with an older,
+    already expired one by the time `after` looked: its host lost its session (so its lock)
+    while it held the lock, its run stored its entry and ended after `before` computed, its own
+    entry had expired before `after` started, and its host was back (the fault over) by then."""
+    for m in same_key:
+        if m is before or m is after:
+            continue
+        run = run_of(m)
+        if run is None or run["state"] != "Completed" or run.get("not_stored"):  # it wrote no entry
+            continue
+        if run["end"] <= before["end"] or m["end"] + config.expire > after["start"]:
+            continue
+        lock_lost = _lock_lost(m, run, None, None, losses, faults, config)
+        if lock_lost is not None and lock_lost[1].end <= after["start"]:
+            return m, run, *lock_lost
+    return None

@@ -8,75 +8,37 @@ fresh random value, so tests can look for it in whatever the cluster printed or 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from juicecache.stack import free_ports
-from tests.conftest import MAIN, REPO, force_unmount, stop_group, wait_until
 from tests.support import netns
+from tests.support.environment import Sandbox, force_unmount, isolated_env
 from tests.support.exec_log import ExecLog
+from tests.support.prefect_server import PrefectServer, start_prefect_server
+from tests.support.processes import free_ports, wait_until
 
 
-@dataclass
-class Machine:
-    """A client host with its juicecache environment (the same shared .env, its own paths).
+class Machine(Sandbox):
+    """A client host: a sandbox (the cluster's shared settings, its own paths) whose commands
+    run in the host's network namespace."""
 
-    Every `run`'s output is kept in `transcript`, so tests can check what was printed.
-    """
+    def __init__(self, host: netns.Host, env: dict[str, str], path: Path, umask: int | None = None, python: str = sys.executable) -> None:
+        super().__init__(path, env, umask, python)
+        self.host = host
 
-    host: netns.Host
-    env: dict[str, str]
-    path: Path
-    umask: int | None = None  # the umask its commands start with (None: inherited)
-    python: str = sys.executable  # a shim venv's (see exec_log) when its commands' children are logged
-    transcript: list[str] = field(default_factory=list)
-    commands: list[str] = field(default_factory=list)  # every command line it started, as `ps` shows them
+    def _run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+        return self.host.run(argv, **kwargs)
 
-    @property
-    def mount_point(self) -> Path:
-        return Path(self.env["JFS_MOUNT_POINT"])
-
-    @property
-    def cache_dir(self) -> Path:
-        return Path(self.env["JFS_CACHE_DIR"])
-
-    def argv(self, *args: str, script: Path = MAIN) -> list[str]:
-        argv = [self.python, str(script), *args]
-        self.commands.append(" ".join(argv))
-        return argv
-
-    def _start(self) -> dict:
-        return {} if self.umask is None else {"umask": self.umask}
-
-    def run(self, *args: str, timeout: float = 120, extra_env: dict[str, str] | None = None, script: Path = MAIN) -> subprocess.CompletedProcess[str]:
-        done = self.host.run(
-            self.argv(*args, script=script), env={**self.env, **(extra_env or {})}, capture_output=True, text=True,
-            timeout=timeout, stdin=subprocess.DEVNULL, cwd=REPO, **self._start(),
-        )
-        self.transcript.append(done.stdout + done.stderr)
-        return done
-
-    def popen(self, *args: str, script: Path = MAIN, extra_env: dict[str, str] | None = None, stdin=subprocess.DEVNULL) -> subprocess.Popen[str]:
-        return self.host.popen(
-            self.argv(*args, script=script), env={**self.env, **(extra_env or {})},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=stdin, cwd=REPO, **self._start(),
-        )
-
-    def demo(self, *values: str, extra_env: dict[str, str] | None = None) -> tuple[dict, float]:
-        started = time.monotonic()
-        done = self.run("-input", *values, "--json", extra_env=extra_env)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout), time.monotonic() - started
+    def _popen(self, argv: list[str], **kwargs) -> subprocess.Popen[str]:
+        return self.host.popen(argv, **kwargs)
 
 
 @dataclass
@@ -130,17 +92,12 @@ class Cluster:
 
 
 def shared_env(path: Path, storage_ip: str, ports: dict[str, int], **secret_values: str) -> dict[str, str]:
-    env_file = path / "shared.env"
-    env_file.write_text("")
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("JFS_", "JUICECACHE_", "PREFECT_", "META_"))}
     meta_url = (
         f"postgres://juicefs@{storage_ip}:{ports['postgres']}/juicefs?sslmode=disable" if "postgres" in ports
         else f"redis://{storage_ip}:{ports['redis']}/1"
     )
     return {
-        **inherited,
-        "PYTHONPATH": str(REPO),  # scripts beside the tests (user flows) import this checkout's juicecache
-        "JUICECACHE_ENV_FILE": str(env_file),
+        **isolated_env(path),
         "JFS_NAME": "sharedvol",
         "JFS_META_URL": meta_url,
         "JFS_STORAGE": "s3",
@@ -197,19 +154,17 @@ def running_cluster(
                     f"postgresql+asyncpg://prefect:${{PREFECT_SERVER_DATABASE_PASSWORD}}@{storage.ip}:{base}/prefect",
             }
         (path / "storage").mkdir()
-        server = None
+        server: PrefectServer | None = None
         machines: list[Machine] = []
         transcript: list[str] = []
         try:
             up = stack_command(storage, storage_env, "up", execs)
             transcript.append(up.stdout + up.stderr)
             assert up.returncode == 0, up.stdout + up.stderr
-            with open(path / "storage" / "prefect-server.log", "wb") as log:
-                server = storage.popen(
-                    [sys.executable, "-m", "prefect", "server", "start", "--host", storage.ip, "--port", str(ports["prefect"])],
-                    env={**storage_env, "PREFECT_API_URL": ""}, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            server = start_prefect_server(  # it starts while the hosts mount
+                Path(storage_env["PREFECT_HOME"]), storage_env, storage.ip, ports["prefect"],
+                log=path / "storage" / "prefect-server.log", popen=storage.popen,
+            )
             for name in clients:
                 options = {"JFS_MOUNT_OPTIONS": mount_options[name]} if mount_options and name in mount_options else {}
                 machine = Machine(
@@ -218,16 +173,15 @@ def running_cluster(
                 machines.append(machine)
                 mounted = machine.run("mount", timeout=90)
                 assert mounted.returncode == 0, mounted.stderr
-            health = [sys.executable, "-c", f"import urllib.request; urllib.request.urlopen('{env['PREFECT_API_URL']}/health', timeout=1)"]
             # on PostgreSQL the server first runs its migrations there: slower on a busy machine
-            assert wait_until(lambda: hosts["a"].run(health, capture_output=True).returncode == 0, timeout=240 if postgres else 120)
+            server.wait_ready(timeout=240 if postgres else 120)
             others = dict(zip(clients[2:], machines[2:], strict=True))
             yield Cluster(storage, machines[0], machines[1], ports, path, env, storage_env, execs, transcript, others)
         finally:
             for machine in machines:
                 force_unmount(machine.mount_point)
             if server is not None:
-                stop_group(server)
+                server.stop()
             stack_command(storage, storage_env, "down", execs)
             shutil.rmtree(path, ignore_errors=True)
 

