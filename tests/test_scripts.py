@@ -13,7 +13,7 @@ import pytest
 
 from juicecache.volume import MountState, mount_info
 from tests.support.environment import REPO, Sandbox, is_mounted, juicefs_client_pids
-from tests.support.processes import free_port
+from tests.support.processes import free_port, wait_until
 
 START = REPO / "start_juice.sh"
 STOP = REPO / "stop_juice.sh"
@@ -66,6 +66,8 @@ def test_mount_point_in_use_by_something_else(sandbox: Sandbox) -> None:
 def test_dead_mount_is_recovered_by_stop_then_start(mounted: Sandbox) -> None:
     for pid in juicefs_client_pids(mounted.cache_dir):
         os.kill(pid, signal.SIGKILL)
+    # A killed client answers until it is gone: the mount is dead once no client process is left.
+    assert wait_until(lambda: not juicefs_client_pids(mounted.cache_dir), timeout=10)
     assert mount_info(mounted.mount_point).state is MountState.DEAD
     assert mounted.run(script=START).returncode != 0
     assert mounted.run(script=STOP).returncode == 0
