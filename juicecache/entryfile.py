@@ -75,8 +75,8 @@ class EntryHeader:
 
 
 # Digests new entries get, then those of entries written before BLAKE3 (still read and checked):
-# BLAKE3 hashes 1.7-2x faster than SHA-256 on the benchmark's machine (bench/results.md), which a
-# large hit pays in full. Its keyed mode is a MAC, as HMAC-SHA256 is.
+# BLAKE3 hashes about 3-4x faster than SHA-256 on the benchmark's machine (bench/results.md), which
+# a large hit pays in full. Its keyed mode is a MAC, as HMAC-SHA256 is.
 UNKEYED = ("blake3", "sha256")
 KEYED = ("blake3-keyed", "hmac-sha256")
 # Above this size BLAKE3 hashes on all cores.
@@ -102,7 +102,7 @@ class Signer:
         """BLAKE3 takes a 32-byte key: derived from the signing key, in BLAKE3's own key derivation mode."""
         return blake3.blake3(self.key, derive_key_context="juicecache entry signing key v1").digest()
 
-    def digest(self, name: str, content: bytes | bytearray | memoryview, algorithm: str | None = None) -> str:
+    def digest(self, name: str, content: bytes | bytearray, algorithm: str | None = None) -> str:
         """The digest of `content` stored as entry `name`, with `algorithm` (default: what new entries get)."""
         label = f"{name}\n".encode()
         algorithm = algorithm or self.algorithm
@@ -115,7 +115,7 @@ class Signer:
         digest.update(content)
         return digest.hexdigest()
 
-    def check(self, name: str, header: EntryHeader, content: bytes | bytearray | memoryview) -> None:
+    def check(self, name: str, header: EntryHeader, content: bytes | bytearray) -> None:
         if len(content) != header.size:
             what = "truncated" if len(content) < header.size else "longer than its header says"
             raise EntryRefused(f"{what}: {len(content)} of {header.size} bytes")

@@ -176,9 +176,10 @@ class EntryStorage(WritableFileSystem):
             return False
         try:
             record, record_identity = _read_entry(record_path, RECORDS, config)
-            if _expires_soon(json.loads(record).get("expiration")):
+            metadata = json.loads(record)
+            if _expires_soon(metadata.get("expiration")):
                 return False
-            _keep_payload(record, record_identity, config)
+            _keep_payload(_payload_path(metadata, config), record_identity, config)
         except (OSError, ValueError, KeyError, TypeError):
             return False
         config.reads.records.keep(record_path, record, record_identity, trusted_reads=2)
@@ -193,8 +194,9 @@ class EntryStorage(WritableFileSystem):
         kept for the read that follows, so a hit reads and hashes it once; it is read again
         for any other record file (`identity`) that names it.
         """
-        if not config.reads.payloads.holds(_payload_path(record, config), identity):
-            _keep_payload(record, identity, config)
+        payload = _payload_path(json.loads(record), config)
+        if not config.reads.payloads.holds(payload, identity):
+            _keep_payload(payload, identity, config)
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
         kind, target = self._target(path)
@@ -245,14 +247,14 @@ def _read_entry(target: Path, kind: str, config: StoreConfig) -> tuple[bytes | b
     return (content if kind == DATA else bytes(content)), _identity(status)
 
 
-def _payload_path(record: bytes, config: StoreConfig) -> Path:
-    return config.root / DATA / entry_name(json.loads(record)["storage_key"])
+def _payload_path(metadata: dict, config: StoreConfig) -> Path:
+    """The payload file a record's metadata (Prefect's JSON, parsed) names."""
+    return config.root / DATA / entry_name(metadata["storage_key"])
 
 
-def _keep_payload(record: bytes, identity: Identity, config: StoreConfig) -> None:
-    """Read and check the payload `record` (the file `identity`) names, and keep it for the read that takes it."""
-    path = _payload_path(record, config)
-    config.reads.payloads.keep(path, _read_entry(path, DATA, config)[0], identity)
+def _keep_payload(path: Path, record: Identity, config: StoreConfig) -> None:
+    """Read and check the payload at `path`, and keep it, for the record file `record`, for the read that takes it."""
+    config.reads.payloads.keep(path, _read_entry(path, DATA, config)[0], record)
 
 
 def _whole_record(root: Path, key: str, config: StoreConfig) -> bytes:
