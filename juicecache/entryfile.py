@@ -36,6 +36,11 @@ PARAMETERS = "parameters"
 TEMP_PREFIX = ".tmp-"
 # Cap the header so a garbage file without a newline is refused without reading it all.
 MAX_HEADER = 4096
+# Payloads up to this size travel inside their record (see `EntryHeader.inline`); with Prefect's
+# metadata, the record stays under `listing.MAX_RECORD_BYTES`.
+INLINE_MAX_BYTES = 32 * 1024
+# The first read of an entry file: the header and, for a record, all of it, payload inline included.
+FIRST_READ_BYTES = 64 * 1024
 # Entries are named by cache key: the task's name (up to 40 characters), then 40 hex digits
 # of a SHA-256 (see `cache.namespaced_key`). Prefect also stores the result of a failed run,
 # or of a call whose key function returned None, beside them under a random name: never a hit.
@@ -60,9 +65,23 @@ class EntryHeader:
     task: str | None
     code: str | None = None  # the short digest of the task's code (`code_version`), if keyed on it
     seconds: float | None = None  # how long the task run took to compute it: what each hit saves
+    # A record only: its content ends with its payload, this many bytes (a small result), so a hit
+    # opens one file instead of two. Written only when set: such a record is refused (a miss) by
+    # releases from before it, which know no `inline`; every other entry stays readable by them.
+    inline: int | None = None
 
     def to_line(self) -> bytes:
-        return MAGIC + json.dumps(self.__dict__, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+        fields = {name: value for name, value in self.__dict__.items() if name != "inline" or value is not None}
+        return MAGIC + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+    def split(self, content: bytes) -> tuple[bytes, bytes | None]:
+        """A record's checked content as Prefect's metadata and the payload it carries (None: in `data/`)."""
+        if self.inline is None:
+            return content, None
+        if not 0 <= self.inline <= len(content):
+            raise EntryRefused(f"carries {self.inline} payload bytes in {len(content)}")
+        cut = len(content) - self.inline
+        return content[:cut], content[cut:]
 
     @classmethod
     def from_line(cls, line: bytes) -> EntryHeader:
@@ -102,9 +121,13 @@ class Signer:
         """BLAKE3 takes a 32-byte key: derived from the signing key, in BLAKE3's own key derivation mode."""
         return blake3.blake3(self.key, derive_key_context="juicecache entry signing key v1").digest()
 
-    def digest(self, name: str, content: bytes | bytearray, algorithm: str | None = None) -> str:
-        """The digest of `content` stored as entry `name`, with `algorithm` (default: what new entries get)."""
-        label = f"{name}\n".encode()
+    def digest(self, name: str, content: bytes | bytearray, algorithm: str | None = None, inline: int | None = None) -> str:
+        """The digest of `content` stored as entry `name`, with `algorithm` (default: what new entries get).
+
+        A record carrying its payload binds the payload's length (`inline`) too: where the
+        record ends and the payload starts is part of what is signed.
+        """
+        label = (f"{name}\n" if inline is None else f"{name}\ninline {inline}\n").encode()
         algorithm = algorithm or self.algorithm
         if algorithm.startswith("blake3"):
             threads = blake3.blake3.AUTO if len(content) > _PARALLEL_HASH_BYTES else 1
@@ -120,7 +143,7 @@ class Signer:
             what = "truncated" if len(content) < header.size else "longer than its header says"
             raise EntryRefused(f"{what}: {len(content)} of {header.size} bytes")
         self.check_header(header)
-        self._compare(header, self.digest(name, content, header.algorithm))
+        self._compare(header, self.digest(name, content, header.algorithm, header.inline))
 
     def check_header(self, header: EntryHeader) -> None:
         """What the header alone can refuse: no signature, or one made with another key."""
@@ -181,10 +204,10 @@ def read_entry(path: Path) -> tuple[EntryHeader, bytearray, os.stat_result]:
     fd = os.open(path, os.O_RDONLY)
     try:
         status = os.fstat(fd)
-        head = os.pread(fd, min(MAX_HEADER, status.st_size), 0)
-        end = head.find(b"\n") + 1
-        header = EntryHeader.from_line(head[:end] if end else head)
-        content = bytearray(head[end:]) if len(head) < MAX_HEADER else _read_from(fd, end, status.st_size - end)
+        head = os.pread(fd, min(FIRST_READ_BYTES, status.st_size), 0)
+        end = head.find(b"\n", 0, MAX_HEADER) + 1
+        header = EntryHeader.from_line(head[:end] if end else head[:MAX_HEADER])
+        content = bytearray(head[end:]) if len(head) < FIRST_READ_BYTES else _read_from(fd, end, status.st_size - end)
     finally:
         os.close(fd)
     return header, content, status

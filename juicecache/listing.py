@@ -32,12 +32,12 @@ class RecordInfo:
     """What one record file says, remembered by the listing index under its inode."""
 
     inode: int
-    size: int
+    size: int  # the record's own bytes, without a payload it carries
     task: str | None
     host: str | None
     created: float | None
     expires: float | None
-    payload: str
+    payload: str | None  # the payload's file in `data/`; None: the record carries it
     payload_bytes: int | None  # None: no payload when the record was read
     problem: str | None
     code: str | None = None  # last, with defaults: journals and indexes written before them still load
@@ -158,18 +158,21 @@ def _describe_record(root: Path, key: str, inode: int, raw: bytes) -> RecordInfo
     """What a scan keeps of a record file (`raw`, its whole content) and of its payload's size."""
     task = host = problem = code = None
     created = expires = seconds = None
-    payload = key
+    payload, carried = key, None
     try:
         line, newline, body = raw.partition(b"\n")
         header = EntryHeader.from_line(line + newline)
         task, host, created, code, seconds = header.task, header.host, header.created, header.code, header.seconds
         if len(body) != header.size:
             raise EntryRefused(f"truncated record: {len(body)} of {header.size} bytes")
+        body, carried = header.split(body)
         metadata = json.loads(body)
         expires = _timestamp(metadata.get("expiration"))
-        payload = Path(metadata.get("storage_key") or key).name
+        payload = None if carried is not None else Path(metadata.get("storage_key") or key).name
     except (EntryRefused, ValueError, TypeError, AttributeError) as exc:
         problem = f"damaged record: {exc}"
+    if carried is not None:
+        return RecordInfo(inode, len(raw) - len(carried), task, host, created, expires, None, len(carried), problem, code, seconds)
     try:
         payload_bytes: int | None = os.stat(root / DATA / payload).st_size
     except (FileNotFoundError, ValueError):

@@ -120,7 +120,10 @@ def scan(root: Path, progress: Progress | None = None, full: bool = True, worker
             # in this listing unless it was removed since.
             payload_inodes, payload_temporaries = _list(root / DATA)
             named = {info.payload for info in infos.values()}
-            infos = {name: info if info.payload in payload_inodes else replace(info, payload_bytes=None) for name, info in infos.items()}
+            infos = {
+                name: info if info.payload is None or info.payload in payload_inodes else replace(info, payload_bytes=None)
+                for name, info in infos.items()
+            }
             lock_names, lock_temporaries = _list(root / LOCKS)
             parameter_names, parameter_temporaries = _list(root / PARAMETERS)
             temporaries = record_temporaries + payload_temporaries + lock_temporaries + parameter_temporaries

@@ -6,14 +6,16 @@ that is not enough, so every file written here:
 
 - becomes visible atomically (temporary file, fsync, rename in the same folder), so a
   writer killed at any moment never leaves a partial entry behind;
-- starts with a one-line header carrying a digest of the content (SHA-256, or an
-  HMAC-SHA256 with a key id when `JUICECACHE_SIGNING_KEY` is set) bound to the file's
-  name, so a truncated, garbage, swapped or forged file is refused *before* Prefect
-  parses or unpickles anything, and is then a plain cache miss.
+- starts with a one-line header carrying a digest of the content (BLAKE3, keyed with
+  a key id when `JUICECACHE_SIGNING_KEY` is set) bound to the file's name, so a
+  truncated, garbage, swapped or forged file is refused *before* Prefect parses or
+  unpickles anything, and is then a plain cache miss.
 
 The store keeps two folders, as Prefect's `key_storage` option expects: `records/`
 holds each key's small metadata record (read on every cache lookup), `data/` the
-result payload (read only on a hit). A third, `parameters/`, holds what Prefect writes
+result payload. A small payload (most results) is carried at the end of its record
+instead, so that a hit opens one file, not two: Prefect writes the payload, then the
+record, and `write_path` holds the first for the second. A third, `parameters/`, holds what Prefect writes
 through a task's result storage for a background run (`task.delay(...)`): its parameters,
 read by whichever task worker picks the run up (see `parameters_name`).
 """
@@ -44,6 +46,7 @@ from juicecache.entryfile import (
     BLOCK_ID,
     BLOCK_TYPE_SLUG,
     DATA,
+    INLINE_MAX_BYTES,
     PARAMETERS,
     RECORDS,
     EntryHeader,
@@ -142,22 +145,20 @@ class EntryStorage(WritableFileSystem):
     def _read(self, kind: str, target: Path, config: StoreConfig) -> bytes:
         with _reporting_io_errors(kind, target, "reading", config.reads):
             if kind == PARAMETERS:
-                return _read_entry(target, PARAMETERS, config)[0]
+                return bytes(_read_entry(target, PARAMETERS, config)[1])
             if self.kind == RESULTS:
                 return _whole_record(config.root, target.name, config)
             if self.kind == DATA:
                 checked = config.reads.payloads.take(target)
-                return checked if checked is not None else _read_entry(target, DATA, config)[0]
+                return checked if checked is not None else _read_payload(target, config)
             if config.on_record_read is not None:
                 config.on_record_read(target.name)
             checked = config.reads.records.current(target)
-            if checked is not None:
-                self._check_payload(*checked, config)
-                return checked[0]
-            content, identity = _read_entry(target, RECORDS, config)
-            self._check_payload(content, identity, config)
-        config.reads.records.keep(target, content, identity)
-        return content
+            record = checked or _read_record(target, config)
+            self._check_payload(record, config)
+        if checked is None:
+            config.reads.records.keep(target, record)
+        return record.metadata
 
     def holds_hit(self, key: str) -> bool:
         """Is `key`'s entry committed, unexpired and sound, record and payload, so that this
@@ -175,30 +176,32 @@ class EntryStorage(WritableFileSystem):
         if _refreshing():
             return False
         try:
-            record, record_identity = _read_entry(record_path, RECORDS, config)
-            metadata = json.loads(record)
+            record = _read_record(record_path, config)
+            metadata = json.loads(record.metadata)
             if _expires_soon(metadata.get("expiration")):
                 return False
-            _keep_payload(_payload_path(metadata, config), record_identity, config)
+            _keep_payload(_payload_path(metadata, config), record, config)
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        config.reads.records.keep(record_path, record, record_identity, trusted_reads=2)
+        config.reads.records.keep(record_path, record, trusted_reads=2)
         return True
 
-    def _check_payload(self, record: bytes, identity: Identity, config: StoreConfig) -> None:
+    def _check_payload(self, record: Record, config: StoreConfig) -> None:
         """Serve a record only when the payload it names checks out too.
 
         Prefect decides a hit from the record alone and reads the payload afterwards;
         a payload refused at that point would fail the task instead of recomputing it.
         A missing payload (removed by `cache gc`) is a quiet miss. The checked payload is
         kept for the read that follows, so a hit reads and hashes it once; it is read again
-        for any other record file (`identity`) that names it.
+        for any other record file that names it.
         """
-        payload = _payload_path(json.loads(record), config)
-        if not config.reads.payloads.holds(payload, identity):
-            _keep_payload(payload, identity, config)
+        payload = _payload_path(json.loads(record.metadata), config)
+        if not config.reads.payloads.holds(payload, record.identity):
+            _keep_payload(payload, record, config)
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
+        """Write an entry file. A small payload is not written here: Prefect writes its record
+        next, and the payload travels inside it (see `EntryHeader.inline`)."""
         kind, target = self._target(path)
         config = self.config()
         # A background run's parameters are no cache entry: a read-only consumer still submits runs.
@@ -206,21 +209,32 @@ class EntryStorage(WritableFileSystem):
             if self.kind == RECORDS and config.on_not_stored is not None:
                 config.on_not_stored(target.name)
             return str(target)
+        if kind == DATA and len(content) <= INLINE_MAX_BYTES:
+            config.reads.unwritten.keep(target, bytes(content))
+            return str(target)
+        inline = _payload_to_inline(content, config) if kind == RECORDS else None
+        body = content if inline is None else bytes(content) + inline[1]
+        carried = None if inline is None else len(inline[1])
         signer = config.signer
         header = EntryHeader(
-            size=len(content),
-            digest=signer.digest(f"{kind}/{target.name}", content),
+            size=len(body),
+            digest=signer.digest(f"{kind}/{target.name}", body, inline=carried),
             algorithm=signer.algorithm,
             key_id=signer.key_id,
             host=socket.gethostname(),
             created=time.time(),
             **_current_task(),
+            inline=carried,
         )
         line = header.to_line()
         with _reporting_io_errors(kind, target, "writing", config.reads):
-            inode = write_atomically(target, [line, content])
+            inode = write_atomically(target, [line, body])
+            if inline is not None:
+                # A payload file the key had before (a larger result, or an older release's entry)
+                # is nobody's now; removed here, as `cache gc` only removes payloads without a record.
+                inline[0].unlink(missing_ok=True)
         if kind == RECORDS:
-            note_record(config.root, target.name, inode, line + content)
+            note_record(config.root, target.name, inode, line + body)
         return str(target)
 
     async def aread_path(self, path: str) -> bytes:
@@ -232,9 +246,17 @@ class EntryStorage(WritableFileSystem):
 Identity = tuple[int, int, int]  # inode, size, mtime: a file replaced since is another file
 
 
-def _read_entry(target: Path, kind: str, config: StoreConfig) -> tuple[bytes | bytearray, Identity]:
-    """An entry file's content, once its header and digest check out, and the identity of the
-    file read. Records come back as bytes; payloads as the buffer they were read into."""
+@dataclass(frozen=True)
+class Record:
+    """A record file, read and checked: Prefect's metadata, and the payload if it carries it."""
+
+    metadata: bytes
+    payload: bytes | None  # None: the payload is a file of its own, in `data/`
+    identity: Identity
+
+
+def _read_entry(target: Path, kind: str, config: StoreConfig) -> tuple[EntryHeader, bytearray, Identity]:
+    """An entry file's header and content, once they check out, and the identity of the file read."""
     try:
         header, content, status = read_entry(target)
         config.signer.check(f"{kind}/{target.name}", header, content)
@@ -244,7 +266,25 @@ def _read_entry(target: Path, kind: str, config: StoreConfig) -> tuple[bytes | b
         else:
             logger.warning("cache entry %s refused (%s): recomputing", target, refused)
         raise
-    return (content if kind == DATA else bytes(content)), _identity(status)
+    return header, content, _identity(status)
+
+
+def _read_record(target: Path, config: StoreConfig) -> Record:
+    header, content, identity = _read_entry(target, RECORDS, config)
+    metadata, payload = header.split(bytes(content))
+    return Record(metadata, payload, identity)
+
+
+def _read_payload(target: Path, config: StoreConfig) -> bytes | bytearray:
+    """A payload not kept for this read: from its file, or from the record that carries it.
+    Payloads come back as the buffer they were read into."""
+    try:
+        return _read_entry(target, DATA, config)[1]
+    except FileNotFoundError:
+        record = _read_record(config.root / RECORDS / target.name, config)
+        if record.payload is None or _payload_path(json.loads(record.metadata), config) != target:
+            raise
+        return record.payload
 
 
 def _payload_path(metadata: dict, config: StoreConfig) -> Path:
@@ -252,17 +292,33 @@ def _payload_path(metadata: dict, config: StoreConfig) -> Path:
     return config.root / DATA / entry_name(metadata["storage_key"])
 
 
-def _keep_payload(path: Path, record: Identity, config: StoreConfig) -> None:
-    """Read and check the payload at `path`, and keep it, for the record file `record`, for the read that takes it."""
-    config.reads.payloads.keep(path, _read_entry(path, DATA, config)[0], record)
+def _payload_of(record: Record, path: Path, config: StoreConfig) -> bytes | bytearray:
+    """The payload `record` names (at `path`): the one it carries, or its file's, read and checked."""
+    return record.payload if record.payload is not None else _read_entry(path, DATA, config)[1]
+
+
+def _keep_payload(path: Path, record: Record, config: StoreConfig) -> None:
+    """Keep the payload at `path` for the read that takes it, for that record file only."""
+    config.reads.payloads.keep(path, _payload_of(record, path, config), record.identity)
+
+
+def _payload_to_inline(record: bytes, config: StoreConfig) -> tuple[Path, bytes] | None:
+    """The small payload Prefect wrote just before this record (its path and bytes), to carry inside it."""
+    try:
+        path = _payload_path(json.loads(record), config)
+    except (ValueError, KeyError, TypeError):
+        return None
+    payload = config.reads.unwritten.take(path)
+    return None if payload is None else (path, payload)
 
 
 def _whole_record(root: Path, key: str, config: StoreConfig) -> bytes:
     """An entry as one JSON result record (its metadata and its result as text), the form
     Prefect reads from a result storage that has no separate metadata storage: what
     `state.result()` and `future.result()` read in a process that did not run the task."""
-    record = json.loads(_read_entry(root / RECORDS / key, RECORDS, config)[0])
-    payload = _read_entry(root / DATA / entry_name(record["storage_key"]), DATA, config)[0]
+    found = _read_record(root / RECORDS / key, config)
+    record = json.loads(found.metadata)
+    payload = _payload_of(found, _payload_path(record, config), config)
     raw = record.get("serializer", {}).get("type") == SERIALIZER_TYPE
     result = base64.b64encode(payload).decode("ascii") if raw else payload.decode()
     return json.dumps({"metadata": record, "result": result}).encode()
@@ -295,8 +351,7 @@ def parameters_name(path: str) -> str | None:
 
 @dataclass
 class _Checked:
-    identity: Identity
-    content: bytes
+    record: Record
     trusted_reads: int  # reads still served as checked, without a look at the file (a hit's own reads)
     trusted_until: float  # ... and only until then (monotonic), should they never come
 
@@ -320,14 +375,14 @@ class CheckedRecords:
         self._guard = threading.Lock()
         self._known: collections.OrderedDict[str, _Checked] = collections.OrderedDict()
 
-    def keep(self, path: Path, content: bytes, identity: Identity, trusted_reads: int = 0) -> None:
+    def keep(self, path: Path, record: Record, trusted_reads: int = 0) -> None:
         with self._guard:
-            self._known[str(path)] = _Checked(identity, content, trusted_reads, time.monotonic() + _TRUST_SECONDS)
+            self._known[str(path)] = _Checked(record, trusted_reads, time.monotonic() + _TRUST_SECONDS)
             self._known.move_to_end(str(path))
             self._evict()
 
-    def current(self, path: Path) -> tuple[bytes, Identity] | None:
-        """The checked content and the file's identity, if the file is still the one checked."""
+    def current(self, path: Path) -> Record | None:
+        """The checked record, if the file is still the one checked."""
         with self._guard:
             known = self._known.get(str(path))
             if known is None:  # never seen: no need to stat it
@@ -335,11 +390,11 @@ class CheckedRecords:
             if known.trusted_reads > 0 and time.monotonic() < known.trusted_until:
                 known.trusted_reads -= 1
                 self._evict()
-                return known.content, known.identity
+                return known.record
         identity = _identity(os.stat(path))
         with self._guard:
             known = self._known.get(str(path))
-        return (known.content, identity) if known is not None and known.identity == identity else None
+        return known.record if known is not None and known.record.identity == identity else None
 
     def distrust(self, path: Path) -> None:
         """Take back the reads lent for `path`: its next read looks at the file again."""
@@ -362,17 +417,18 @@ class CheckedRecords:
 
 
 class PendingPayloads:
-    """Payloads checked for a hit, held until the read that takes them (a large one is large).
+    """Payloads held in memory until the read or write that takes them (a large one is large).
 
-    Each is held for the record file (`Identity`) it was checked for: a record read later,
-    of another file (the entry replaced since), has its payload read and checked again.
+    A payload checked for a hit is held for the record file (`Identity`) it was checked
+    for: a record read later, of another file (the entry replaced since), has its payload
+    read and checked again. A small payload Prefect wrote waits for its record (no `Identity`).
     """
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._waiting: dict[str, tuple[bytes | bytearray, Identity, float]] = {}
+        self._waiting: dict[str, tuple[bytes | bytearray, Identity | None, float]] = {}
 
-    def keep(self, path: Path, content: bytes | bytearray, record: Identity) -> None:
+    def keep(self, path: Path, content: bytes | bytearray, record: Identity | None = None) -> None:
         now = time.monotonic()
         with self._guard:
             self._waiting = {name: kept for name, kept in self._waiting.items() if kept[2] > now}
@@ -395,6 +451,8 @@ class ReadState:
 
     records: CheckedRecords = field(default_factory=CheckedRecords)
     payloads: PendingPayloads = field(default_factory=PendingPayloads)
+    # Small payloads written, waiting for the record that carries them (see `EntryStorage.write_path`).
+    unwritten: PendingPayloads = field(default_factory=PendingPayloads)
     # When each kind of storage failure was last reported (see `_reporting_io_errors`).
     failures_reported: dict[int | None, float] = field(default_factory=dict)
 

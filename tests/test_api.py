@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from juicecache.entryfile import read_header
 from tests.support.environment import REPO, Sandbox
 from tests.support.runs import ON_PATH, USER_FLOW, run_flow, volume_status
 
@@ -25,7 +26,7 @@ def test_miss_then_hit_in_another_process(mounted: Sandbox) -> None:
     assert states(run_flow(mounted, ("square", [3], {}))) == [("square", "Cached", 9)]
     [entry] = records(mounted)
     assert entry.startswith("square-")
-    assert (mounted.mount_point / "prefect-cache" / "data" / entry).is_file()
+    assert read_header(mounted.mount_point / "prefect-cache" / "records" / entry).inline is not None  # payload inside
     assert not mounted.fallback_dir.exists()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from juicecache.entryfile import EntryHeader, Signer, write_atomically
+from juicecache.entryfile import EntryHeader, Signer, read_header, write_atomically
 from tests.support.environment import REPO, Sandbox, juicefs_client_pids
 from tests.support.processes import free_port
 from tests.support.runs import (
@@ -33,6 +33,12 @@ from tests.support.runs import (
 def entry_files(box: Sandbox, key: str) -> list[Path]:
     root = cache_folder(box)
     return [path for path in (root / "records" / key, root / "data" / key) if path.exists()]
+
+
+def whole_entry(box: Sandbox, key: str) -> bool:
+    """Is `key`'s entry all there: its record, and its payload (carried inside it, or a file of its own)?"""
+    record = cache_folder(box) / "records" / key
+    return record.exists() and (read_header(record).inline is not None or (record.parent.parent / "data" / key).exists())
 
 
 class HeldLock:
@@ -53,11 +59,11 @@ class HeldLock:
 def rewrite_expiration(record: Path, expiration: str | None) -> None:
     """Replace a record (new file, new inode) as a refreshing run would, with another expiration."""
     header, body = record.read_bytes().split(b"\n", 1)
-    metadata = json.loads(body)
-    metadata["expiration"] = expiration
-    content = json.dumps(metadata, separators=(",", ":")).encode()
     old = EntryHeader.from_line(header + b"\n")
-    new = EntryHeader(len(content), Signer().digest(f"records/{record.name}", content), old.algorithm, None, old.host, old.created, old.task)
+    metadata, payload = old.split(body)  # a small result's payload travels inside its record: kept
+    content = json.dumps({**json.loads(metadata), "expiration": expiration}, separators=(",", ":")).encode() + (payload or b"")
+    digest = Signer().digest(f"records/{record.name}", content, inline=old.inline)
+    new = dataclasses.replace(old, size=len(content), digest=digest)
     write_atomically(record, [new.to_line(), content])
 
 
@@ -118,7 +124,7 @@ def test_ls_stats_and_rm(mounted: Sandbox) -> None:
     with HeldLock(mounted, keys[0]):
         busy = mounted.run("cache", "rm", keys[0])
     assert busy.returncode == 1 and "being computed right now" in busy.stderr
-    assert len(entry_files(mounted, keys[0])) == 2
+    assert whole_entry(mounted, keys[0])
 
     removed = run_json(mounted, "cache", "rm", keys[0], keys[1])
     assert removed == {"removed": [keys[0], keys[1]], "busy": [], "missing": []}
@@ -135,6 +141,7 @@ def test_gc_dry_run_expiry_size_and_leftovers(mounted: Sandbox) -> None:
     expiring = [item["key"] for item in run_json(mounted, "-input", "1", "2", "--per-item", "--expire", "2s")["items"]]
     lasting = [item["key"] for item in run_json(mounted, "-input", "3", "4", "5", "--per-item")["items"]]
     root = cache_folder(mounted)
+    (root / "data").mkdir(exist_ok=True)  # small results travel inside their records: no payload file yet
     stale = root / "data" / ".tmp-killed-writer"
     stale.write_bytes(b"half an entry")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
@@ -155,13 +162,13 @@ def test_gc_dry_run_expiry_size_and_leftovers(mounted: Sandbox) -> None:
     assert dry["dry_run"] and sorted(r["key"] for r in dry["removed"]) == sorted(expiring)
     assert dry["leftovers_removed"] == 4  # the stale temporaries, the lone payload and the idle lock
     assert {r["reason"] for r in dry["removed"]} == {"expired"}
-    assert all(entry_files(mounted, key) for key in expiring) and stale.exists() and idle_lock.exists()
+    assert all(whole_entry(mounted, key) for key in expiring) and stale.exists() and idle_lock.exists()
 
     with HeldLock(mounted, expiring[0]):
         gc = run_json(mounted, "cache", "gc", "--expired")
     assert [r["key"] for r in gc["removed"]] == [expiring[1]]
     assert gc["skipped"] == [{"key": expiring[0], "why": "busy"}]
-    assert len(entry_files(mounted, expiring[0])) == 2 and not entry_files(mounted, expiring[1])
+    assert whole_entry(mounted, expiring[0]) and not entry_files(mounted, expiring[1])
     assert gc["leftovers_removed"] == 4
     assert not stale.exists() and not lone_payload.exists() and fresh.exists()
     # The lock files of removed entries go too; a key's lock stays while its entry does.
@@ -214,7 +221,7 @@ def test_gc_max_size_removes_the_oldest_first(mounted: Sandbox) -> None:
     limit = total - sizes[oldest_first[0]] - sizes[oldest_first[1]]  # one removal is not enough, two are
     would = run_json(mounted, "cache", "gc", "--max-size", f"{limit}B", "--dry-run")
     assert [(r["key"], r["reason"]) for r in would["removed"]] == [(key, "over size") for key in oldest_first[:2]]
-    assert all(len(entry_files(mounted, key)) == 2 for key in keys)
+    assert all(whole_entry(mounted, key) for key in keys)
     sized = run_json(mounted, "cache", "gc", "--max-size", f"{limit}B")
     assert [r["key"] for r in sized["removed"]] == list(oldest_first[:2])
     assert sized["remaining_bytes"] == limit

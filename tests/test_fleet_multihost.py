@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from juicecache.entryfile import read_header
 from tests.support import netns
 from tests.support.cluster import Cluster, running_cluster
 from tests.support.fleet import PROJECT, Driver, fleet_env, running_services, start_dask, start_prefect_worker
@@ -63,10 +64,16 @@ def visit(volume: Path, run: str, flow_run_id: str) -> str:
 
 
 def missing_entries(cluster: Cluster, keys: list[str]) -> list[str]:
-    """The keys whose entry (record or payload) is not on the shared volume, and any host's local
-    fallback folder: the hosts here share one filesystem, so a fallback folder would be shared too."""
+    """The keys whose entry (its record, which carries a small result) is not on the shared volume, and
+    any host's local fallback folder: the hosts here share one filesystem, so a fallback folder would be shared too."""
     volume = cluster.b.mount_point / "prefect-cache"
-    missing = [f"{kind}/{key}" for key in keys for kind in ("records", "data") if not key or not (volume / kind / key).is_file()]
+    missing = []
+    for key in keys:
+        record = volume / "records" / key
+        if not key or not record.is_file():
+            missing.append(f"records/{key}")
+        elif read_header(record).inline is None and not (volume / "data" / key).is_file():
+            missing.append(f"data/{key}")
     fallbacks = [machine.env["JUICECACHE_FALLBACK_DIR"] for machine in cluster.machines]
     return missing + [f"fallback {folder}" for folder in fallbacks if Path(folder).exists()]
 

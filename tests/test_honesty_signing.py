@@ -23,7 +23,7 @@ def run(box: Sandbox, keys: dict[str, str]) -> tuple[list[str], list[str]]:
 
 def signed_by(box: Sandbox) -> set[tuple[str, str | None]]:
     root = box.mount_point / "prefect-cache"
-    return {(read_header(path).algorithm, read_header(path).key_id) for kind in ("records", "data") for path in (root / kind).iterdir()}
+    return {(read_header(path).algorithm, read_header(path).key_id) for kind in ("records", "data") for path in (root / kind).glob("*")}
 
 
 def test_rotated_and_removed_signing_keys(mounted: Sandbox) -> None:

@@ -83,8 +83,8 @@ def test_concurrent_runs_on_both_hosts_compute_once(cluster: Cluster, tmp_path: 
     reports = [json.loads(stdout) for stdout, _ in outputs]
     assert [r["cache"] for r in reports].count("miss") == 1
     assert len({json.dumps(r["result"], sort_keys=True) for r in reports}) == 1
-    # The entry's payload is written as the computation ends: every run had begun before that.
-    computed_by = cluster.a.mount_point / "prefect-cache" / "data" / reports[0]["key"]
+    # The entry is written as the computation ends: every run had begun before that.
+    computed_by = cluster.a.mount_point / "prefect-cache" / "records" / reports[0]["key"]
     ended = read_header(computed_by).created
     began = [json.loads(line)["began"] for line in began_log.read_text().splitlines()]
     assert len(began) == 8 and max(began) < ended - 1, (sorted(began), ended)
@@ -188,7 +188,7 @@ def test_killed_lock_holder_does_not_block_the_key(cluster: Cluster) -> None:
     assert waiter.returncode == 0, stderr
     report = json.loads(stdout)
     assert report["cache"] == "miss"
-    computed = read_header(cluster.b.mount_point / "prefect-cache" / "data" / key).created
+    computed = read_header(cluster.b.mount_point / "prefect-cache" / "records" / key).created
     # Computed only once the holder died (the lock held B back), and at once then (it did not outlive it).
     assert killed + TASK_SECONDS - 0.1 < computed < killed + TASK_SECONDS + 10, (killed, computed)
 

@@ -7,10 +7,12 @@ one warning per refused entry, and never a traceback.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -88,9 +90,10 @@ def test_damaged_entries_are_recomputed_with_one_warning_each(mounted: Sandbox) 
         keys[0]: ("records", lambda raw: raw[: len(raw) // 2]),  # truncated
         keys[1]: ("records", lambda raw: b""),  # empty
         keys[2]: ("records", lambda raw: b"\x00garbage\xff" * 40),  # garbage
-        keys[3]: ("data", lambda raw: raw[: len(raw) - 7]),
-        keys[4]: ("data", lambda raw: b""),
-        keys[5]: ("data", lambda raw: os.urandom(len(raw))),
+        # Small results travel inside their record (`EntryHeader.inline`): their payload is damaged there.
+        keys[3]: ("records", lambda raw: raw[:-1] + bytes([raw[-1] ^ 1])),
+        keys[4]: ("records", lambda raw: raw[:-16] + os.urandom(16)),
+        keys[5]: ("records", lambda raw: re.sub(rb'"inline":(\d+)', lambda m: b'"inline":%d' % (int(m[1]) + 1), raw, count=1)),
     }
     for key, (folder, spoil) in damage.items():
         path = root / folder / key
@@ -113,7 +116,7 @@ def test_one_run_with_a_damaged_entry_prints_one_warning(mounted: Sandbox) -> No
     first = mounted.run("-input", "5", "abc", "--json")
     assert first.returncode == 0, first.stderr
     key = json.loads(first.stdout)["key"]
-    (cache_folder(mounted) / "data" / key).write_bytes(b"not a cache entry at all\n")
+    (cache_folder(mounted) / "records" / key).write_bytes(b"not a cache entry at all\n")
 
     done = mounted.run("-input", "5", "abc")
     assert done.returncode == 0, done.stderr
@@ -159,39 +162,45 @@ def test_crafted_payloads_are_really_dangerous(tmp_path: Path) -> None:
         assert marker.exists(), name
 
 
+def _signed_record(record: Path) -> tuple[EntryHeader, bytes]:
+    """A small result's record, as juicecache wrote it: its signed header and Prefect's metadata
+    (the payload it carries, `EntryHeader.inline`, left out)."""
+    line, content = record.read_bytes().split(b"\n", 1)
+    genuine = EntryHeader.from_line(line + b"\n")
+    assert genuine.inline is not None and genuine.algorithm == "blake3-keyed"
+    return genuine, genuine.split(content)[0]
+
+
 def test_tampered_signed_entries_are_refused_and_never_unpickled(mounted: Sandbox) -> None:
     first, _ = run_items(mounted, "1", "2", "3", extra_env=SIGNING)
     unsigned, forged, edited = (item["key"] for item in first["items"])
     root = cache_folder(mounted)
     markers = {case: mounted.path / f"unpickled-{case}" for case in ("unsigned", "forged", "edited")}
-    assert read_header(root / "data" / unsigned).algorithm == "blake3-keyed"
-    for key in (unsigned, forged):  # cases 1 and 2 keep the record, which names juicecache's raw pickles
-        assert json.loads((root / "records" / key).read_bytes().split(b"\n", 1)[1])["serializer"]["type"] == "juicecache-pickle"
+    for key in (unsigned, forged):  # cases 1 and 2 keep the metadata, which names juicecache's raw pickles
+        assert json.loads(_signed_record(root / "records" / key)[1])["serializer"]["type"] == "juicecache-pickle"
 
     # 1. A raw pickle with a correct checksum but no signature (what anyone can write).
     evil = raw_payload(markers["unsigned"])
-    digest = hashlib.sha256(f"data/{unsigned}\n".encode() + evil).hexdigest()
-    header = EntryHeader(len(evil), digest, "sha256", None, "attacker", time.time(), "compute")
-    (root / "data" / unsigned).write_bytes(header.to_line() + evil)
+    content = _signed_record(root / "records" / unsigned)[1] + evil
+    digest = hashlib.sha256(f"records/{unsigned}\ninline {len(evil)}\n".encode() + content).hexdigest()
+    header = EntryHeader(len(content), digest, "sha256", None, "attacker", time.time(), "compute", inline=len(evil))
+    (root / "records" / unsigned).write_bytes(header.to_line() + content)
 
     # 2. A raw pickle under a copy of a genuine signed header (key id included).
     evil = raw_payload(markers["forged"])
-    genuine = read_header(root / "data" / forged)
-    copied = EntryHeader(len(evil), genuine.digest, genuine.algorithm, genuine.key_id, genuine.host, genuine.created, genuine.task)
-    (root / "data" / forged).write_bytes(copied.to_line() + evil)
+    genuine, metadata = _signed_record(root / "records" / forged)
+    content = metadata + evil
+    copied = dataclasses.replace(genuine, size=len(content), inline=len(evil))
+    (root / "records" / forged).write_bytes(copied.to_line() + content)
 
     # 3. The record's serializer field edited, its signed header kept, and the payload replaced.
     evil = base64_payload(markers["edited"])
     record = root / "records" / edited
-    head, body = record.read_bytes().split(b"\n", 1)
-    metadata = json.loads(body)
-    metadata["serializer"] = {"type": "pickle"}  # Prefect's base64 pickle, which would load `evil`
-    tampered = json.dumps(metadata, separators=(",", ":")).encode()
-    assert len(tampered) <= len(body)  # same length: only the signature can tell
-    record.write_bytes(head + b"\n" + tampered.ljust(len(body)))
-    genuine = read_header(root / "data" / edited)
-    copied = EntryHeader(len(evil), genuine.digest, genuine.algorithm, genuine.key_id, genuine.host, genuine.created, genuine.task)
-    (root / "data" / edited).write_bytes(copied.to_line() + evil)
+    genuine, metadata = _signed_record(record)
+    edited_metadata = {**json.loads(metadata), "serializer": {"type": "pickle"}}  # Prefect's base64 pickle, which would load `evil`
+    content = json.dumps(edited_metadata, separators=(",", ":")).encode() + evil
+    copied = dataclasses.replace(genuine, size=len(content), inline=len(evil))
+    record.write_bytes(copied.to_line() + content)
 
     # The markers are checked first, whatever the run did: an entry unpickled is the failure here.
     done = mounted.run("-input", "1", "2", "3", "--per-item", "--json", extra_env=SIGNING)
@@ -203,34 +212,38 @@ def test_tampered_signed_entries_are_refused_and_never_unpickled(mounted: Sandbo
     assert second["result"] == {"count": 3, "sum": 6, "text": ""}
     lines = warnings(stderr)
     assert len(lines) == 3, stderr
-    assert any(f"data/{unsigned} refused (not signed" in line for line in lines), lines
-    assert any(f"data/{forged} refused (signature mismatch" in line for line in lines), lines
+    assert any(f"records/{unsigned} refused (not signed" in line for line in lines), lines
+    assert any(f"records/{forged} refused (signature mismatch" in line for line in lines), lines
     assert any(f"records/{edited} refused (signature mismatch" in line for line in lines), lines
     for key in (unsigned, forged, edited):
-        assert read_header(root / "data" / key).algorithm == "blake3-keyed"
+        assert read_header(root / "records" / key).algorithm == "blake3-keyed"
 
 
-def test_an_entry_replaced_since_this_process_read_it_is_read_again(mounted: Sandbox) -> None:
+@pytest.mark.parametrize("replaced", ["data", "records"], ids=["its payload file", "its record, carrying the payload"])
+def test_an_entry_replaced_since_this_process_read_it_is_read_again(mounted: Sandbox, replaced: str) -> None:
     """A process remembers the entry files it checked (Prefect reads a hit's record twice, then its
     payload). An entry another run replaced since, on this host or another, is read anew."""
-    from juicecache.entryfile import DATA, RECORDS, Signer
+    from juicecache.entryfile import DATA, INLINE_MAX_BYTES, RECORDS, Signer
     from juicecache.storage import EntryStorage, StoreConfig
 
     config = StoreConfig(cache_folder(mounted), Signer())
     records, data = (EntryStorage.create(kind, lambda: config) for kind in (RECORDS, DATA))
 
-    def store(value: bytes) -> None:  # as Prefect writes an entry: payload, then record
-        data.write_path("key", value)
-        records.write_path("key", json.dumps({"storage_key": "key", "value": value.decode()}).encode())
+    size = INLINE_MAX_BYTES + 1 if replaced == DATA else 100  # a payload file, or one inside the record
 
-    def read() -> tuple[str, bytes]:
-        return json.loads(records.read_path("key"))["value"], data.read_path("key")
+    def store(text: str) -> None:  # as Prefect writes an entry: payload, then record
+        data.write_path("key", text.ljust(size).encode())
+        records.write_path("key", json.dumps({"storage_key": "key", "value": text}).encode())
 
-    store(b"first")
-    assert read() == ("first", b"first")
-    assert read() == ("first", b"first")  # the record served from memory, the payload read again
-    write_atomically(cache_folder(mounted) / "data" / "key", [b"not even an entry"])  # another writer's rename
+    def read() -> tuple[str, str]:
+        return json.loads(records.read_path("key"))["value"], data.read_path("key").decode().rstrip()
+
+    store("first")
+    assert (cache_folder(mounted) / DATA / "key").exists() == (replaced == DATA)
+    assert read() == ("first", "first")
+    assert read() == ("first", "first")  # the record served from memory, the payload read again
+    write_atomically(cache_folder(mounted) / replaced / "key", [b"not even an entry"])  # another writer's rename
     with pytest.raises(EntryRefused):  # a record is served only with a payload that checks out
         records.read_path("key")
-    store(b"second")
-    assert read() == ("second", b"second")
+    store("second")
+    assert read() == ("second", "second")

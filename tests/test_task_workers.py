@@ -134,7 +134,7 @@ def test_delay_from_two_processes_computes_once(mounted: Sandbox) -> None:
     assert len(parameters) == 3  # one per submission
     assert all(read_header(path).digest for path in parameters)  # written like entries: checked (or signed)
     entries = sorted(path.name for path in (cache / "records").iterdir())
-    assert len(entries) == 2 and sorted(path.name for path in (cache / "data").iterdir()) == entries
+    assert len(entries) == 2 and all(read_header(cache / "records" / name).inline is not None for name in entries)
 
     listed = json.loads(mounted.run("cache", "ls", "--json").stdout)
     assert sorted(entry["key"] for entry in listed["entries"]) == entries

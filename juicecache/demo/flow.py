@@ -15,7 +15,7 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext, TaskRunContext
 
 from juicecache.cache import active, as_timedelta, cached_task, stable_hash
-from juicecache.entryfile import DATA, RECORDS
+from juicecache.entryfile import DATA, INLINE_MAX_BYTES, RECORDS
 
 # The pretend cost of the computation: what a cache hit saves.
 TASK_SECONDS = 3.0
@@ -140,7 +140,7 @@ def demo_flow(values: list[Value], refresh: bool = False, expire: str | None = N
         computed_on=outcome["computed_on"],
     )
     create_markdown_artifact(
-        markdown=artifact_markdown(report, cache.location.path / DATA / key),
+        markdown=artifact_markdown(report),
         key="juicecache-cache",
         description=artifact_description(report),
     )
@@ -169,7 +169,7 @@ def artifact_description(report: RunReport) -> str:
     return f"cache miss: computed in {report.seconds:.3f} s"
 
 
-def artifact_markdown(report: RunReport, payload: Any) -> str:
+def artifact_markdown(report: RunReport) -> str:
     where = f"JuiceFS volume `{report.volume}`" if report.volume else "local folder (volume not mounted: not shared)"
     return "\n".join(
         [
@@ -182,7 +182,7 @@ def artifact_markdown(report: RunReport, payload: Any) -> str:
             f"| cache | **{report.cache}** |",
             f"| where | {where} |",
             f"| record | `{report.storage}` |",
-            f"| payload | `{payload}` |",
+            f"| payload | inside the record if it pickles to {INLINE_MAX_BYTES // 1024} KiB or less, else in `{DATA}/` beside `{RECORDS}/` |",
             f"| computed on | `{report.computed_on}` |",
             f"| this run | {report.seconds:.3f} s |",
             f"| time saved | {report.saved_seconds:.3f} s |",

@@ -82,12 +82,14 @@ def listing_from_files(box: Sandbox) -> list[dict]:
         raw = record.read_bytes()
         line, body = raw.split(b"\n", 1)
         header = json.loads(line.removeprefix(b"JCE1 "))
-        metadata = json.loads(body)
+        carried = header.get("inline")  # a small result's payload, at the end of its record
+        metadata = json.loads(body if carried is None else body[: len(body) - carried])
+        payload_bytes = 0 if carried is not None else (root / "data" / metadata["storage_key"]).stat().st_size
         expiration = metadata.get("expiration")
         found.append({
             "key": record.name, "task": header["task"], "host": header["host"], "created": _iso(header["created"]),
             "expires": _iso(datetime.fromisoformat(expiration).timestamp()) if expiration else None,
-            "size": len(raw) + (root / "data" / metadata["storage_key"]).stat().st_size, "problem": None,
+            "size": len(raw) + payload_bytes, "problem": None,
             "code": header.get("code"), "seconds": header.get("seconds"),
         })
     return sorted(found, key=lambda entry: entry["key"])

@@ -3,6 +3,8 @@ checked is what it serves; entries written with the earlier digests stay readabl
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import threading
 import time
@@ -15,6 +17,9 @@ from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
 from juicecache.entryfile import (
     DATA,
+    FIRST_READ_BYTES,
+    INLINE_MAX_BYTES,
+    MAGIC,
     MAX_HEADER,
     RECORDS,
     EntryHeader,
@@ -29,6 +34,8 @@ from juicecache.storage import EntryStorage, StoreConfig
 from juicecache.transactions import commit_with_task, release_after_failed_read
 
 KEY = "task-" + "0" * 40
+# Results that pickle to more than `INLINE_MAX_BYTES` get a payload file of their own.
+LARGE = b"x" * (INLINE_MAX_BYTES + 1)
 
 
 class Volume:
@@ -70,13 +77,13 @@ def test_a_miss_takes_the_lock(volume: Volume) -> None:
     volume.locks.release_lock(KEY, "second")
 
 
-@pytest.mark.parametrize("case", ["expired", "refresh", "tampered payload", "payload removed"])
+@pytest.mark.parametrize("case", ["expired", "refresh", "tampered payload", "payload removed", "tampered inline payload"])
 def test_what_is_no_hit_takes_the_lock(volume: Volume, tmp_path: Path, case: str) -> None:
     expiration = datetime.now(UTC) - timedelta(seconds=1) if case == "expired" else None
-    volume.write({"value": 1}, expiration)
-    if case == "tampered payload":
-        payload = tmp_path / DATA / KEY
-        payload.write_bytes(payload.read_bytes()[:-1] + b"X")
+    volume.write(LARGE if case.startswith("payload") or case == "tampered payload" else {"value": 1}, expiration)
+    tampered = {"tampered payload": tmp_path / DATA / KEY, "tampered inline payload": tmp_path / RECORDS / KEY}.get(case)
+    if tampered is not None:
+        tampered.write_bytes(tampered.read_bytes()[:-1] + b"X")
     if case == "payload removed":
         (tmp_path / DATA / KEY).unlink()
     assert volume.other_process.acquire_lock(KEY, "computing", acquire_timeout=0)
@@ -85,13 +92,62 @@ def test_what_is_no_hit_takes_the_lock(volume: Volume, tmp_path: Path, case: str
     volume.other_process.release_lock(KEY, "computing")
 
 
-def test_a_hit_serves_what_it_checked_if_gc_removes_the_entry_meanwhile(volume: Volume, tmp_path: Path) -> None:
-    volume.write(b"x" * (3 * MAX_HEADER))
+@pytest.mark.parametrize("value", [b"x" * (3 * MAX_HEADER), LARGE], ids=["inline", "payload file"])
+def test_a_hit_serves_what_it_checked_if_gc_removes_the_entry_meanwhile(volume: Volume, tmp_path: Path, value: bytes) -> None:
+    volume.write(value)
     assert volume.locks.acquire_lock(KEY, "reader")
     for kind in (RECORDS, DATA):
-        (tmp_path / kind / KEY).unlink()  # what `cache gc` may do: it does not wait for hits
-    assert volume.results.exists(KEY) and volume.results.read(KEY, holder="reader").result == b"x" * (3 * MAX_HEADER)
+        (tmp_path / kind / KEY).unlink(missing_ok=True)  # what `cache gc` may do: it does not wait for hits
+    assert volume.results.exists(KEY) and volume.results.read(KEY, holder="reader").result == value
     volume.locks.release_lock(KEY, "reader")
+
+
+@pytest.mark.parametrize(
+    ("value", "files"),
+    [(b"s" * 100, {RECORDS}), (b"s" * (INLINE_MAX_BYTES - 100), {RECORDS}), (LARGE, {RECORDS, DATA})],
+    ids=["small", "just under the limit", "over the limit"],
+)
+def test_a_small_payload_travels_inside_its_record(tmp_path: Path, value: bytes, files: set[str]) -> None:
+    """One file to open per hit; a larger payload keeps a file of its own. Either is read by a new process."""
+    Volume(tmp_path).write(value)
+    assert {kind for kind in (RECORDS, DATA) if (tmp_path / kind / KEY).exists()} == files
+    reader = Volume(tmp_path)
+    assert reader.results.exists(KEY) and reader.results.read(KEY, holder="reader").result == value
+
+
+def test_where_the_record_ends_and_its_payload_starts_is_signed(tmp_path: Path) -> None:
+    """The header's `inline` is part of the digest: moved, the split is refused, never parsed."""
+    Volume(tmp_path).write("small")
+    path = tmp_path / RECORDS / KEY
+    line, body = path.read_bytes().split(b"\n", 1)
+    header = EntryHeader.from_line(line + b"\n")
+    path.write_bytes(dataclasses.replace(header, inline=header.inline - 1).to_line() + body)
+    reader = Volume(tmp_path)
+    assert not reader.records.holds_hit(KEY)
+    with pytest.raises(EntryRefused, match="checksum mismatch"):
+        reader.records.read_path(KEY)
+
+
+def test_a_payload_file_left_from_a_larger_result_goes_when_the_key_is_rewritten_small(tmp_path: Path) -> None:
+    volume = Volume(tmp_path)
+    volume.write(LARGE)
+    volume.write("small")
+    assert not (tmp_path / DATA / KEY).exists()
+    assert Volume(tmp_path).results.read(KEY, holder="reader").result == "small"
+
+
+def test_a_record_that_carries_its_payload_is_refused_by_a_release_without_inline_payloads(tmp_path: Path) -> None:
+    """Older readers know no `inline` header field: such a record is a miss for them, never a wrong value."""
+    volume = Volume(tmp_path)
+    volume.write("small")
+    inline = json.loads((tmp_path / RECORDS / KEY).read_bytes().partition(b"\n")[0][len(MAGIC):])
+    # The header as releases before `inline` parse it (`EntryHeader.from_line`: the fields they know).
+    earlier = dataclasses.make_dataclass("EarlierHeader", [f.name for f in dataclasses.fields(EntryHeader) if f.name != "inline"])
+    with pytest.raises(TypeError):
+        earlier(**inline)
+    volume.write(LARGE)  # ... and everything else is still read by them
+    for kind in (RECORDS, DATA):
+        earlier(**json.loads((tmp_path / kind / KEY).read_bytes().partition(b"\n")[0][len(MAGIC):]))
 
 
 @pytest.mark.parametrize(("algorithm", "key"), [("sha256", b""), ("hmac-sha256", b"secret"), ("blake3", b""), ("blake3-keyed", b"secret")])
@@ -109,7 +165,7 @@ def test_entries_written_with_each_digest_are_read(tmp_path: Path, algorithm: st
         Signer(b"" if key else b"secret").check(f"{DATA}/{KEY}", read, body)  # keyed and unkeyed never mix
 
 
-@pytest.mark.parametrize("size", [10, MAX_HEADER - 200, MAX_HEADER * 4])
+@pytest.mark.parametrize("size", [10, MAX_HEADER - 200, MAX_HEADER * 4, FIRST_READ_BYTES - 200, FIRST_READ_BYTES * 3])
 def test_a_longer_or_shorter_file_than_its_header_says_is_refused(tmp_path: Path, size: int) -> None:
     signer = Signer()
     content = b"z" * size
