@@ -20,6 +20,8 @@ from pathlib import Path
 
 import blake3
 
+from juicecache.hugepages import OWN_BUFFER_BYTES, HugeBuffer, allocate
+
 MAGIC = b"JCE1 "
 # The id Prefect records as `storage_block_id` in every state it stores through juicecache
 # (see `storage.EntryStorage.create`): how `cache report` tells juicecache's task runs apart.
@@ -100,6 +102,12 @@ UNKEYED = ("blake3", "sha256")
 KEYED = ("blake3-keyed", "hmac-sha256")
 # Above this size BLAKE3 hashes on all cores.
 _PARALLEL_HASH_BYTES = 1 << 20
+# What an entry's content is held in: read (`read_entry`), or about to be written.
+Content = bytes | bytearray | memoryview | HugeBuffer
+
+
+def _size(content: Content) -> int:
+    return memoryview(content).nbytes
 
 
 @dataclass(frozen=True)
@@ -121,24 +129,29 @@ class Signer:
         """BLAKE3 takes a 32-byte key: derived from the signing key, in BLAKE3's own key derivation mode."""
         return blake3.blake3(self.key, derive_key_context="juicecache entry signing key v1").digest()
 
-    def digest(self, name: str, content: bytes | bytearray, algorithm: str | None = None, inline: int | None = None) -> str:
+    def digest(
+        self, name: str, content: Content | list[Content], algorithm: str | None = None, inline: int | None = None
+    ) -> str:
         """The digest of `content` stored as entry `name`, with `algorithm` (default: what new entries get).
 
-        A record carrying its payload binds the payload's length (`inline`) too: where the
+        A content in parts (a pickle and its buffers, see `serializer.Framed`) is hashed part by
+        part. A record carrying its payload binds the payload's length (`inline`) too: where the
         record ends and the payload starts is part of what is signed.
         """
         label = (f"{name}\n" if inline is None else f"{name}\ninline {inline}\n").encode()
         algorithm = algorithm or self.algorithm
+        parts = content if isinstance(content, list) else [content]
         if algorithm.startswith("blake3"):
-            threads = blake3.blake3.AUTO if len(content) > _PARALLEL_HASH_BYTES else 1
+            threads = blake3.blake3.AUTO if sum(map(_size, parts)) > _PARALLEL_HASH_BYTES else 1
             keyed = {"key": self._blake3_key} if algorithm == "blake3-keyed" else {}
             digest = blake3.blake3(label, max_threads=threads, **keyed)
         else:
             digest = hmac.new(self.key, label, hashlib.sha256) if algorithm == "hmac-sha256" else hashlib.sha256(label)
-        digest.update(content)
+        for part in parts:
+            digest.update(part)
         return digest.hexdigest()
 
-    def check(self, name: str, header: EntryHeader, content: bytes | bytearray) -> None:
+    def check(self, name: str, header: EntryHeader, content: Content) -> None:
         if len(content) != header.size:
             what = "truncated" if len(content) < header.size else "longer than its header says"
             raise EntryRefused(f"{what}: {len(content)} of {header.size} bytes")
@@ -173,7 +186,7 @@ def makedirs_0755(path: Path) -> None:
             pass
 
 
-def write_atomically(path: Path, chunks: list[bytes]) -> int:
+def write_atomically(path: Path, chunks: list[Content]) -> int:
     """Write to a temporary file beside `path`, fsync, then rename over it. Returns its inode."""
     makedirs_0755(path.parent)
     temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
@@ -192,7 +205,7 @@ def write_atomically(path: Path, chunks: list[bytes]) -> int:
     return inode
 
 
-def read_entry(path: Path) -> tuple[EntryHeader, bytearray, os.stat_result]:
+def read_entry(path: Path) -> tuple[EntryHeader, bytearray | HugeBuffer, os.stat_result]:
     """An entry file's header, its content (not yet checked: see `Signer.check`) and its status.
 
     Read with as few operations on the mount as a file allows. Its status comes right after
@@ -213,19 +226,19 @@ def read_entry(path: Path) -> tuple[EntryHeader, bytearray, os.stat_result]:
     return header, content, status
 
 
-def _read_from(fd: int, offset: int, size: int) -> bytearray:
-    """Up to `size` bytes of `fd` from `offset` (fewer if it is shorter), into one buffer."""
-    content = bytearray(size)
-    view = memoryview(content)
-    done = 0
-    while done < size:
-        count = os.preadv(fd, [view[done:]], offset + done)
-        if count == 0:
-            break
-        done += count
-    view.release()
-    del content[done:]
-    return content
+def _read_from(fd: int, offset: int, size: int) -> bytearray | HugeBuffer:
+    """Up to `size` bytes of `fd` from `offset` (fewer if it is shorter), into one buffer: a
+    large one in huge pages (see `hugepages`), where a bytearray would cost a page fault per 4 KiB."""
+    content = allocate(size) if size >= OWN_BUFFER_BYTES else bytearray(size)
+    with memoryview(content) as view:
+        done = 0
+        while done < size:
+            count = os.preadv(fd, [view[done:]], offset + done)
+            if count == 0:
+                break
+            done += count
+    # Shorter than its header said: it is refused, and a short copy will do.
+    return content if done == size else bytearray(content[:done])
 
 
 def read_header(path: Path) -> EntryHeader:

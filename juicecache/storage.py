@@ -56,7 +56,7 @@ from juicecache.entryfile import (
     write_atomically,
 )
 from juicecache.listing import note_record
-from juicecache.serializer import SERIALIZER_TYPE
+from juicecache.serializer import SERIALIZER_TYPE, payload_parts
 from juicecache.transactions import compute_seconds
 
 logger = logging.getLogger("juicecache")
@@ -216,9 +216,10 @@ class EntryStorage(WritableFileSystem):
         body = content if inline is None else bytes(content) + inline[1]
         carried = None if inline is None else len(inline[1])
         signer = config.signer
+        parts = payload_parts(body)  # a large result's pickle and its buffers, never joined (see `serializer.Framed`)
         header = EntryHeader(
             size=len(body),
-            digest=signer.digest(f"{kind}/{target.name}", body, inline=carried),
+            digest=signer.digest(f"{kind}/{target.name}", parts, inline=carried),
             algorithm=signer.algorithm,
             key_id=signer.key_id,
             host=socket.gethostname(),
@@ -228,7 +229,7 @@ class EntryStorage(WritableFileSystem):
         )
         line = header.to_line()
         with _reporting_io_errors(kind, target, "writing", config.reads):
-            inode = write_atomically(target, [line, body])
+            inode = write_atomically(target, [line, *parts])
             if inline is not None:
                 # A payload file the key had before (a larger result, or an older release's entry)
                 # is nobody's now; removed here, as `cache gc` only removes payloads without a record.
