@@ -36,6 +36,7 @@ from tests.support.environment import force_unmount
 from tests.support.fault_report import FaultReport
 from tests.support.leaks import CommandLines, prefect_records, secrets_found, world_writable
 from tests.support.processes import wait_until
+from tests.support.start_gate import StartGate
 
 pytestmark = [
     pytest.mark.faults,
@@ -230,8 +231,11 @@ def test_s3_stopped(cluster: Cluster, outputs: list[str], fault_report: FaultRep
     cluster.stop_service("s3")
     try:
         hit, hit_seconds = timed_demo(cluster.a, known)
-        other, other_seconds = timed_demo(cluster.b, known)
-        unstored, unstored_seconds = timed_demo(cluster.a, new)
+        # B's read and A's store at once: each on its own host's client, each timed on its own. (Not A's hit
+        # alongside A's failing store: that is another scenario, and A's hit can then fail to read.)
+        with ThreadPoolExecutor(2) as pool:
+            on_b, on_a = pool.submit(timed_demo, cluster.b, known), pool.submit(timed_demo, cluster.a, new)
+            (other, other_seconds), (unstored, unstored_seconds) = on_b.result(timeout=300), on_a.result(timeout=300)
     finally:
         up = cluster.stack("up")
     assert up.returncode == 0, up.stdout + up.stderr
@@ -256,9 +260,10 @@ def test_s3_stopped(cluster: Cluster, outputs: list[str], fault_report: FaultRep
     assert not [path for path in (results / "data").glob("*") if key in path.name]
 
     # S3 back: the entry B could not read is a hit there; the new one is computed and stored once.
-    again, _ = cluster.b.demo(*known)
+    with ThreadPoolExecutor(2) as pool:  # different keys: B's read and A's store at once
+        reading, storing = pool.submit(cluster.b.demo, *known), pool.submit(cluster.a.demo, *new)
+        (again, _), (stored, _) = reading.result(timeout=300), storing.result(timeout=300)
     assert again["cache"] == "hit" and again["result"] == first["result"]
-    stored, _ = cluster.a.demo(*new)
     shared, _ = cluster.b.demo(*new)
     assert stored["cache"] == "miss" and shared["cache"] == "hit"
     fault_report.add(
@@ -330,7 +335,8 @@ def test_load_two_hosts(cluster: Cluster, outputs: list[str], fault_report: Faul
     expire, work_seconds, per_process = 5.0, 0.5, 25
     keys = [f"load-{secrets.token_hex(4)}" for _ in range(50)]
     chooser = random.Random(secrets.randbits(32))
-    start_at = time.time() + 25  # Prefect's import takes a while with 8 processes on 2 cores
+    # Opened once all 8 have imported Prefect and created their flow runs (a while, with 8 processes on 2 cores).
+    gate = StartGate(cluster.path / f"gate-load-{with_gc}", 8)
     drivers, logs = [], []
     for machine in cluster.machines:
         for number in range(4):
@@ -338,12 +344,13 @@ def test_load_two_hosts(cluster: Cluster, outputs: list[str], fault_report: Faul
             logs.append(log)
             spec = {
                 "calls": [{"key": chooser.choice(keys)} for _ in range(per_process)], "expire": expire,
-                "work_seconds": work_seconds, "payload_bytes": 4096, "markers": str(log), "start_at": start_at,
+                "work_seconds": work_seconds, "payload_bytes": 4096, "markers": str(log), "start_gate": str(gate),
                 "pace": 0.5,  # 25 runs over >= 12 s per process: entries expire, and are recomputed, during the load
             }
             drivers.append(Driver(machine, spec, QUIET))
     collecting, gc_runs = threading.Event(), []
     collector = threading.Thread(target=collect_gc, args=(cluster.a, collecting, gc_runs), daemon=True)
+    ready = gate.open_when_ready([driver.process for driver in drivers])
     if with_gc:
         collector.start()
     try:
@@ -357,7 +364,7 @@ def test_load_two_hosts(cluster: Cluster, outputs: list[str], fault_report: Faul
             collector.join(timeout=120)
     outputs.extend(done.stdout + done.stderr for done in gc_runs)
 
-    assert len(runs) == 8 * per_process
+    assert len(runs) == 8 * per_process and ready == 8, ready
     errors = [run for run in runs if run["state"] not in ("Cached", "Completed")]
     assert not errors, errors[:3]
     assert all(run["value_ok"] for run in runs), "a run returned a value its inputs do not determine"
@@ -404,10 +411,14 @@ def test_no_secret_leaked_and_nothing_world_writable(
     command line juicecache started is in the cluster's exec log, written at exec time (see
     tests/support/exec_log.py), not sampled; the `ps` sampling stays as a second net.
     """
-    for machine in cluster.machines:
+    def commands_on(machine: Machine) -> None:
         machine.demo("secrets", secrets.token_hex(4))
         for args in (("status",), ("cache", "ls"), ("cache", "stats")):
             assert machine.run(*args).returncode == 0
+
+    with ThreadPoolExecutor(2) as pool:  # both hosts at once: each host's commands still run, and are all read below
+        for ran in [pool.submit(commands_on, machine) for machine in cluster.machines]:
+            ran.result(timeout=300)
     own = Machine(cluster.a.host, machine_env(cluster.a.env, tmp_path, "own"), tmp_path, 0, cluster.a.python)
     try:
         assert own.run("mount", timeout=90).returncode == 0  # a juicefs mount started by this test, whatever ran before

@@ -21,9 +21,11 @@ from juicecache.entryfile import DATA, RECORDS, read_header, write_atomically
 from juicecache.removal import Outcome, Remover
 from juicecache.volume import MountState, mount_info
 from tests.support import netns
+from tests.support import task_workers as workers_on
 from tests.support.cluster import Cluster, Machine, machine_env, running_cluster
 from tests.support.environment import REPO, force_unmount, juicefs_client_pids
 from tests.support.processes import wait_until
+from tests.support.start_gate import StartGate
 
 pytestmark = [
     pytest.mark.multihost,
@@ -61,25 +63,22 @@ def test_computed_on_a_is_a_hit_on_b(cluster: Cluster) -> None:
     assert first["volume"] == second["volume"] == "sharedvol"
 
 
-def barrier(processes: int) -> float:
-    """A start time every process waits for, once imported (and, for the marker flow, once its
-    flow run exists): 8 Prefect imports and flow-run creations on 2 cores take a while."""
-    return time.time() + 6 + 2.5 * processes
-
-
 def test_concurrent_runs_on_both_hosts_compute_once(cluster: Cluster, tmp_path: Path) -> None:
     """8 `main.py` runs of one new key, on two hosts, started together (a barrier after their
     imports): every one looks the key up while the single computation runs, so without the
     lock each would compute it."""
     values = new_inputs()
     began_log = tmp_path / "began.jsonl"
-    start_at = barrier(8)
+    # Every process waits at the gate once imported: 8 Prefect imports on 2 cores take a while.
+    gate = StartGate(tmp_path / "gate", 8)
     runs = [
-        machine.popen(str(start_at), str(began_log), "-input", *values, "--json", script=BARRIER_MAIN)
+        machine.popen(str(gate), str(began_log), "-input", *values, "--json", script=BARRIER_MAIN)
         for machine in cluster.machines for _ in range(4)
     ]
+    ready = gate.open_when_ready(runs)
     outputs = [run.communicate(timeout=180) for run in runs]
     assert all(run.returncode == 0 for run in runs), [err for _, err in outputs]
+    assert ready == 8, ready
     reports = [json.loads(stdout) for stdout, _ in outputs]
     assert [r["cache"] for r in reports].count("miss") == 1
     assert len({json.dumps(r["result"], sort_keys=True) for r in reports}) == 1
@@ -90,20 +89,23 @@ def test_concurrent_runs_on_both_hosts_compute_once(cluster: Cluster, tmp_path: 
     assert len(began) == 8 and max(began) < ended - 1, (sorted(began), ended)
 
 
-def test_task_body_runs_exactly_once(cluster: Cluster) -> None:
+def test_task_body_runs_exactly_once(cluster: Cluster, tmp_path: Path) -> None:
     """A user flow whose task leaves one marker file on the volume each time its body runs; 8
     processes on two hosts call it together (a barrier after their imports), every one before
     the single computation ended."""
     markers = f"markers-{secrets.token_hex(4)}"
     token = secrets.token_hex(4)
-    start_at = barrier(8)
+    # Every process waits at the gate once its flow run exists: 8 Prefect imports and flow-run creations on 2 cores take a while.
+    gate = StartGate(tmp_path / "gate", 8)
     runs = [
-        machine.popen(str(machine.mount_point / markers), token, str(start_at), script=MARKER_FLOW)
+        machine.popen(str(machine.mount_point / markers), token, str(gate), script=MARKER_FLOW)
         for machine in (cluster.a, cluster.b)
         for _ in range(4)
     ]
+    ready = gate.open_when_ready(runs)
     outputs = [run.communicate(timeout=180) for run in runs]
     assert all(run.returncode == 0 for run in runs), [err for _, err in outputs]
+    assert ready == 8, ready
     bodies = list((cluster.a.mount_point / markers).iterdir())
     assert len(bodies) == 1
     assert {stdout.splitlines()[0] for stdout, _ in outputs} == {f"value-{token}"}
@@ -312,7 +314,7 @@ def test_a_plain_task_with_the_shared_policy_shares_entries_across_hosts(cluster
     """`@task(cache_policy=juicecache.shared(INPUTS), result_storage=juicecache.shared_storage(), ...)`."""
     markers = str(tmp_path / "markers")  # an argument, so part of the key: the same string on both hosts
     x = str(secrets.randbelow(10**9))
-    first = cluster.a.run("plain", markers, x, script=POLICY_FLOWS)
+    first = cluster.a.run("plain", markers, x, script=POLICY_FLOWS, extra_env={"POLICY_WORK_SECONDS": "0.5"})  # no other run overlaps it
     assert first.returncode == 0, first.stderr[-2000:]
     on_b = cluster.b.run("plain", markers, x, script=POLICY_FLOWS)
     assert on_b.returncode == 0, on_b.stderr[-2000:]
@@ -320,3 +322,63 @@ def test_a_plain_task_with_the_shared_policy_shares_entries_across_hosts(cluster
     reread = json.loads(on_b.stdout.splitlines()[-1])
     assert (reread["state"], reread["result"]) == ("Cached", int(x) + 300)
     assert len(list((tmp_path / "markers").iterdir())) == 1
+
+
+def test_task_workers_on_two_hosts_share_the_cache(cluster: Cluster, tmp_path: Path) -> None:
+    """`task.delay(...)` (issue #18; the one-host version is tests/test_task_workers.py): a task
+    worker on host A and one on host B. Six new inputs submitted from A compute once each, on
+    whichever worker gets them; the same six submitted from B are all hits, and some are served
+    by the host that did not compute them (reading the entry another host wrote, through its own
+    mount). Each submission's parameters are written through the submitter's mount and read
+    through the worker's. Each worker's whole process group is gone once the test is done."""
+    token = secrets.token_hex(4)
+    values = [1, 2, 3, 4, 5, 6]
+    parameters_on_a = cluster.a.mount_point / "prefect-cache" / "parameters"
+    earlier = set(parameters_on_a.iterdir()) if parameters_on_a.is_dir() else set()
+    # One folder on the volume, seen by each host through its own mount.
+    markers = {"a": cluster.a.mount_point / f"markers-{token}", "b": cluster.b.mount_point / f"markers-{token}"}
+
+    def argv(machine: Machine) -> list[str]:
+        return machine.host.argv(machine.argv(script=workers_on.WORKER_FLOW))
+
+    def env(machine: Machine) -> dict[str, str]:
+        return {**machine.env, "TASK_WORKER_TOKEN": token}
+
+    starts = [(name, argv(machine), env(machine), markers[name]) for name, machine in (("a", cluster.a), ("b", cluster.b))]
+    with workers_on.task_workers(starts, tmp_path / "logs") as workers:
+        first = workers_on.outcomes(workers_on.submit(argv(cluster.a), env(cluster.a), values), workers)
+        assert {x: run["value"] for x, run in first.items()} == {x: workers_on.expected(x, token) for x in values}
+        assert {run["state"] for run in first.values()} == {"Completed"}, first
+        bodies = workers_on.computed(markers["a"])
+        assert sorted(body["x"] for body in bodies) == values, bodies
+        computed_by = {body["x"]: body["worker"] for body in bodies}
+        assert all(workers_on.served(markers["a"], run["task_run"])["worker"] == computed_by[x] for x, run in first.items())
+
+        # Which worker gets a run is the server's choice: another round of the same hits
+        # (at most two more) when every hit happened to go to the worker that computed it.
+        crossed: list[tuple[int, str, str]] = []
+        rounds = 0
+        while not crossed and rounds < 3:
+            rounds += 1
+            again = workers_on.outcomes(workers_on.submit(argv(cluster.b), env(cluster.b), values), workers)
+            assert {x: run["value"] for x, run in again.items()} == {x: workers_on.expected(x, token) for x in values}
+            assert {run["state"] for run in again.values()} == {"Cached"}, again
+            by = {x: workers_on.served(markers["b"], run["task_run"]) for x, run in again.items()}
+            assert {record["state"] for record in by.values()} == {"Cached"}
+            crossed = [(x, computed_by[x], record["worker"]) for x, record in by.items() if record["worker"] != computed_by[x]]
+        assert crossed, f"in {rounds} rounds every hit was served by the worker that computed it: {computed_by}"
+        assert len(workers_on.computed(markers["b"])) == len(values)  # no hit ran the body
+
+        parameters = set(parameters_on_a.iterdir()) - earlier
+        assert len(parameters) == len(values) * (1 + rounds)
+    assert all(worker.process.poll() is not None for worker in workers)
+    # Nothing a worker started outlived it (the cluster's mounts are unmounted at the module's end).
+    assert wait_until(lambda: not any(group_alive(worker.process.pid) for worker in workers), 30, 0.1)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -7,20 +7,24 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.support.environment import REPO, Sandbox
+from tests.support.start_gate import StartGate
 
 POLICY_FLOWS = REPO / "tests" / "support" / "policy_flows.py"
-WORK_SECONDS = 4.0  # policy_flows.WORK_SECONDS: how long each computation lasts
+WORK_SECONDS = 4.0  # policy_flows.WORK_SECONDS by default: how long each computation lasts
 ON_PATH = {"PYTHONPATH": str(REPO)}
 # JuiceFS's own files at the mount's root, which it changes by itself.
 JUICEFS_FILES = {".accesslog", ".config", ".stats", ".trash", ".control"}
 
 
+# Runs one at a time: no other run overlaps a computation, so a short one does (the barrier test keeps 4 s).
+SHORT_WORK = {"POLICY_WORK_SECONDS": "0.5"}
+
+
 def run(box: Sandbox, *args: str, extra_env: dict[str, str] | None = None) -> dict:
-    done = box.run(*args, script=POLICY_FLOWS, extra_env={**ON_PATH, **(extra_env or {})})
+    done = box.run(*args, script=POLICY_FLOWS, extra_env={**ON_PATH, **SHORT_WORK, **(extra_env or {})})
     assert done.returncode == 0, done.stderr[-3000:]
     return {**json.loads(done.stdout.splitlines()[-1]), "stderr": done.stderr}
 
@@ -49,16 +53,18 @@ def test_a_policy_minus_an_argument_ignores_it(mounted: Sandbox, tmp_path: Path)
 def test_a_plain_task_with_the_shared_policy_computes_once_across_processes(mounted: Sandbox, tmp_path: Path) -> None:
     """Four processes ask for one new key at the same moment (a start barrier): one computes."""
     markers = tmp_path / "markers"
-    start_at = str(time.time() + 30)
+    gate = StartGate(tmp_path / "gate", 4)  # opened once every process has imported Prefect and created its flow run
     runs = [
         subprocess.Popen(
-            [sys.executable, str(POLICY_FLOWS), "plain", str(markers), "4", "0", start_at], env={**mounted.env, **ON_PATH},
+            [sys.executable, str(POLICY_FLOWS), "plain", str(markers), "4", "0", str(gate)], env={**mounted.env, **ON_PATH},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
         )
         for _ in range(4)
     ]
+    ready = gate.open_when_ready(runs)
     outputs = [process.communicate(timeout=240) for process in runs]
     assert all(process.returncode == 0 for process in runs), [err[-2000:] for _, err in outputs]
+    assert ready == 4, ready
     reports = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
     assert sorted(report["state"] for report in reports) == ["Cached", "Cached", "Cached", "Completed"]
     assert {report["result"] for report in reports} == {304}

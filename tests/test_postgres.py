@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tests.support import netns
 from tests.support.cluster import Cluster, running_cluster
 from tests.support.environment import REPO, isolated_env
 from tests.support.processes import free_ports
+from tests.support.start_gate import StartGate
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the PostgreSQL profile's tests run PostgreSQL as postgres: need root")
 
@@ -182,12 +182,13 @@ def test_eight_concurrent_runs_on_two_hosts_compute_once(cluster: Cluster) -> No
     other process waits on the key's flock, which JuiceFS keeps in PostgreSQL (jfs_flock)."""
     markers = f"markers-{secrets.token_hex(4)}"
     token = secrets.token_hex(4)
-    start_at = time.time() + 6 + 1.5 * 8  # after all 8 have imported Prefect, on 2 busy cores
+    gate = StartGate(cluster.path / f"gate-{token}", 8)  # opened once all 8 have imported Prefect, on 2 busy cores
     runs = [
-        machine.popen(str(machine.mount_point / markers), token, str(start_at), script=MARKER_FLOW)
+        machine.popen(str(machine.mount_point / markers), token, str(gate), script=MARKER_FLOW)
         for machine in cluster.machines for _ in range(4)
     ]
     try:
+        ready = gate.open_when_ready(runs)
         outputs = [run.communicate(timeout=240) for run in runs]
     finally:
         for run in runs:
@@ -195,6 +196,7 @@ def test_eight_concurrent_runs_on_two_hosts_compute_once(cluster: Cluster) -> No
                 run.kill()
                 run.communicate()
     assert all(run.returncode == 0 for run in runs), [err[-2000:] for _, err in outputs]
+    assert ready == 8, ready
     bodies = list((cluster.a.mount_point / markers).iterdir())
     assert len(bodies) == 1, [body.name for body in bodies]
     assert {stdout.splitlines()[0] for stdout, _ in outputs} == {f"value-{token}"}

@@ -553,9 +553,14 @@ class Soak:
                 _signal(pid, signal.SIGKILL)
             wait_until(lambda: not any(_alive(pid) for pid in overran), 30, 0.1)
             self._scan()
-            # Afterwards every host reads every key (hits, or recomputed after expiry): all right.
-            final = {name: zygote.fork({**self._spec(name, 1), "calls": [{"key": key} for key in self.keys], "pace": None})
-                     for name, zygote in self.zygotes.items()}
+            # Afterwards every host reads every key (hits, or recomputed after expiry): all right. Each
+            # host starts at another third of the keys, so the hosts recompute expired keys side by
+            # side and then read each other's, instead of queueing on the same key's lock in turn.
+            final = {
+                name: zygote.fork({**self._spec(name, 1), "calls": [{"key": key} for key in _rotated(self.keys, n, len(self.zygotes))],
+                                   "pace": None})
+                for n, (name, zygote) in enumerate(self.zygotes.items())
+            }
             wait_until(lambda: not any(_alive(pid) for pid in final.values()), 240, 0.5)
             final_runs = [run for name, zygote in self.zygotes.items() for run in zygote.runs() if run["pid"] == final[name]]
             runs = [run for zygote in self.zygotes.values() for run in zygote.runs() if run["pid"] not in final.values()]
@@ -590,6 +595,12 @@ class Soak:
             warnings=collections.Counter(warning_kind(w) for run in runs for w in run["warnings"]),
             final_runs=final_runs, wall=wall, started=self.started, session_losses=losses,
         )
+
+
+def _rotated(keys: list[str], part: int, parts: int) -> list[str]:
+    """Every key, starting at the `part`-th of `parts` equal slices."""
+    start = part * len(keys) // parts
+    return keys[start:] + keys[:start]
 
 
 HOST_FAULTS = ("client killed", "client frozen", "host partitioned")

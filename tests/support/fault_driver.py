@@ -5,6 +5,7 @@
 
 SPEC: {"calls": [{"key": "k1", "refresh": false}, ...], "payload_bytes": 1000, "work_seconds": 0.5,
 "expire": 20 (seconds, or null), "markers": "/path/markers.jsonl", "start_at": epoch or null,
+"start_gate": a start gate's path (tests/support/start_gate.py) or null,
 "pace": seconds between call starts, or null}.
 
 Why one process for many runs: importing Prefect costs about 2 s of CPU, so 200 runs as 200
@@ -116,6 +117,10 @@ def drive(spec: dict[str, Any]) -> None:
     logging.getLogger("prefect.task_runs").addHandler(not_stored)
     if spec.get("start_at"):
         time.sleep(max(0.0, spec["start_at"] - time.time()))
+    if spec.get("start_gate"):
+        from tests.support.start_gate import wait_at
+
+        wait_at(spec["start_gate"])
     begun = time.monotonic()
     for number, call in enumerate(spec["calls"]):
         if spec.get("pace"):  # call N starts no earlier than N x pace seconds in: the batch spans a known time
