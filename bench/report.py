@@ -266,9 +266,10 @@ def markdown(results: dict, found: list[Verdict]) -> str:
             "",
             f"- Files a hit reads: {json.dumps(facts['reads_per_hit'])} (Prefect's reads, counted on one hit). With "
             "`key_storage`, Prefect reads the small record twice (its existence check, then the read) and the payload "
-            "once; without it, the existence check would read and parse the whole payload too. juicecache reads both "
-            "files once, before Prefect asks (to decide that the run is a hit and needs no lock), and answers Prefect's "
-            "reads from what it checked.",
+            "once; without it, the existence check would read and parse the whole payload too. juicecache reads the "
+            "entry once (one file for a small result, which travels inside its record; the record and the payload file "
+            "for a larger one), before Prefect asks (to decide that the run is a hit and needs no lock), and answers "
+            "Prefect's reads from what it checked.",
             f"- A 64 MiB result (pickle: {entry['pickle_bytes'] / MIB:.1f} MiB) is a {entry['data_file_bytes'] / MIB:.1f} MiB "
             f"entry file with serializer `{entry['serializer']}`, plus a {entry['record_file_bytes']} byte record.",
             f"- On this CPU, BLAKE3 (the digest of new entries) runs at {facts['blake3_mib_per_s']:.0f} MiB/s, SHA-256 "
