@@ -14,10 +14,11 @@ that is not enough, so every file written here:
 The store keeps two folders, as Prefect's `key_storage` option expects: `records/`
 holds each key's small metadata record (read on every cache lookup), `data/` the
 result payload. A small payload (most results) is carried at the end of its record
-instead, so that a hit opens one file, not two: Prefect writes the payload, then the
-record, and `write_path` holds the first for the second. A third, `parameters/`, holds what Prefect writes
-through a task's result storage for a background run (`task.delay(...)`): its parameters,
-read by whichever task worker picks the run up (see `parameters_name`).
+instead, so that a hit opens one file, not two: Prefect writes a task run's payload, then
+its record, and `write_path` holds the first for the second. A third, `parameters/`,
+holds what Prefect writes through a task's result storage for a background run
+(`task.delay(...)`): its parameters, read by whichever task worker picks the run up (see
+`parameters_name`).
 """
 
 from __future__ import annotations
@@ -200,8 +201,8 @@ class EntryStorage(WritableFileSystem):
             _keep_payload(payload, record, config)
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
-        """Write an entry file. A small payload is not written here: Prefect writes its record
-        next, and the payload travels inside it (see `EntryHeader.inline`)."""
+        """Write an entry file. A small payload whose record Prefect writes next into this store
+        is not written here: it travels inside that record (see `EntryHeader.inline`)."""
         kind, target = self._target(path)
         config = self.config()
         # A background run's parameters are no cache entry: a read-only consumer still submits runs.
@@ -209,7 +210,7 @@ class EntryStorage(WritableFileSystem):
             if self.kind == RECORDS and config.on_not_stored is not None:
                 config.on_not_stored(target.name)
             return str(target)
-        if kind == DATA and len(content) <= INLINE_MAX_BYTES:
+        if kind == DATA and len(content) <= INLINE_MAX_BYTES and _record_follows(config):
             config.reads.unwritten.keep(target, bytes(content))
             return str(target)
         inline = _payload_to_inline(content, config) if kind == RECORDS else None
@@ -301,6 +302,22 @@ def _payload_of(record: Record, path: Path, config: StoreConfig) -> bytes | byte
 def _keep_payload(path: Path, record: Record, config: StoreConfig) -> None:
     """Keep the payload at `path` for the read that takes it, for that record file only."""
     config.reads.payloads.keep(path, _payload_of(record, path, config), record.identity)
+
+
+def _record_follows(config: StoreConfig) -> bool:
+    """Does Prefect write a record into this store right after the payload it writes now?
+
+    Only for a task run whose cache policy keeps its keys here (`key_storage`, see
+    `cache.policy_on_volume`): Prefect then writes the payload, then the record. Anything
+    else written through this block (a whole result record, when a task or flow uses it as
+    its result storage without juicecache's keys; keys kept elsewhere) has no record to
+    travel in, and is written as a file of its own.
+    """
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    keys = getattr(getattr(context.task, "cache_policy", None), "key_storage", None) if context is not None else None
+    return isinstance(keys, EntryStorage) and keys.kind == RECORDS and keys.config().reads is config.reads
 
 
 def _payload_to_inline(record: bytes, config: StoreConfig) -> tuple[Path, bytes] | None:

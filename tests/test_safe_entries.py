@@ -219,10 +219,18 @@ def test_tampered_signed_entries_are_refused_and_never_unpickled(mounted: Sandbo
         assert read_header(root / "records" / key).algorithm == "blake3-keyed"
 
 
+def print_nothing() -> None:
+    """The body of the task whose run stores the entries below (never run)."""
+
+
 @pytest.mark.parametrize("replaced", ["data", "records"], ids=["its payload file", "its record, carrying the payload"])
 def test_an_entry_replaced_since_this_process_read_it_is_read_again(mounted: Sandbox, replaced: str) -> None:
     """A process remembers the entry files it checked (Prefect reads a hit's record twice, then its
     payload). An entry another run replaced since, on this host or another, is read anew."""
+    from prefect import task
+    from prefect.cache_policies import CacheKeyFnPolicy
+    from prefect.context import TaskRunContext
+
     from juicecache.entryfile import DATA, INLINE_MAX_BYTES, RECORDS, Signer
     from juicecache.storage import EntryStorage, StoreConfig
 
@@ -231,9 +239,13 @@ def test_an_entry_replaced_since_this_process_read_it_is_read_again(mounted: San
 
     size = INLINE_MAX_BYTES + 1 if replaced == DATA else 100  # a payload file, or one inside the record
 
-    def store(text: str) -> None:  # as Prefect writes an entry: payload, then record
-        data.write_path("key", text.ljust(size).encode())
-        records.write_path("key", json.dumps({"storage_key": "key", "value": text}).encode())
+    # A task whose cache policy keeps its keys in these records, as `cached_task`'s does.
+    keyed_here = task(cache_policy=CacheKeyFnPolicy(cache_key_fn=lambda *_: "key").configure(key_storage=records))(print_nothing)
+
+    def store(text: str) -> None:  # as Prefect writes a task run's entry, inside the run: payload, then record
+        with TaskRunContext.model_construct(task=keyed_here):
+            data.write_path("key", text.ljust(size).encode())
+            records.write_path("key", json.dumps({"storage_key": "key", "value": text}).encode())
 
     def read() -> tuple[str, str]:
         return json.loads(records.read_path("key"))["value"], data.read_path("key").decode().rstrip()

@@ -12,6 +12,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prefect import task
+from prefect.cache_policies import INPUTS, CacheKeyFnPolicy
+from prefect.context import TaskRunContext
 from prefect.results import ResultStore
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
@@ -38,6 +41,10 @@ KEY = "task-" + "0" * 40
 LARGE = b"x" * (INLINE_MAX_BYTES + 1)
 
 
+def _compute() -> None:
+    """The body of `Volume.task` (never run)."""
+
+
 class Volume:
     """One store on a folder, as `store.Store` assembles it, and a second process's lock manager."""
 
@@ -49,9 +56,14 @@ class Volume:
             result_storage=self.data, metadata_storage=self.records, serializer=RawPickleSerializer(), lock_manager=self.locks
         )
         self.other_process = FlockLockManager(lambda: root / "locks", lambda: 0.2)
+        # A task whose cache policy keeps its keys in this store, as `cached_task`'s does.
+        self.task = task(cache_policy=CacheKeyFnPolicy(cache_key_fn=lambda *_: KEY).configure(key_storage=self.records))(_compute)
 
-    def write(self, value: object, expiration: datetime | None = None) -> None:
-        self.results.write(key=KEY, obj=value, expiration=expiration)
+    def write(self, value: object, expiration: datetime | None = None, holder: str | None = None) -> None:
+        """Store `value` as Prefect stores a task run's result: inside the run (`TaskRunContext`), the
+        payload first, then the record (the fast layer runs no task: the context alone is set)."""
+        with TaskRunContext.model_construct(task=self.task):
+            self.results.write(key=KEY, obj=value, expiration=expiration, holder=holder)
 
 
 @pytest.fixture
@@ -126,6 +138,27 @@ def test_where_the_record_ends_and_its_payload_starts_is_signed(tmp_path: Path) 
     assert not reader.records.holds_hit(KEY)
     with pytest.raises(EntryRefused, match="checksum mismatch"):
         reader.records.read_path(KEY)
+
+
+@pytest.mark.parametrize("keys", ["not kept", "kept in another store"])
+def test_a_payload_whose_record_goes_elsewhere_is_written_as_a_file(tmp_path: Path, keys: str) -> None:
+    """`shared_storage()` as the result storage of a task (or flow) whose keys are not this store's:
+    Prefect writes a whole result record there, or the record into another store. Nothing waits
+    for a record that never comes: the small payload is a file (the whole record one a new
+    process reads back; a record in another store names a payload under its own folder)."""
+
+    def stores() -> tuple[Volume, Volume, ResultStore]:
+        volume, other = Volume(tmp_path / "volume"), Volume(tmp_path / "other")
+        metadata = {"metadata_storage": other.records} if keys == "kept in another store" else {}
+        return volume, other, ResultStore(result_storage=volume.data, serializer=RawPickleSerializer(), **metadata)
+
+    volume, other, results = stores()
+    policy = INPUTS if keys == "not kept" else CacheKeyFnPolicy(cache_key_fn=lambda *_: KEY).configure(key_storage=other.records)
+    with TaskRunContext.model_construct(task=task(cache_policy=policy)(_compute)):
+        results.write(key=KEY, obj="small")
+    assert (tmp_path / "volume" / DATA / KEY).is_file()
+    if keys == "not kept":
+        assert stores()[2].read(KEY).result == "small"
 
 
 def test_a_payload_file_left_from_a_larger_result_goes_when_the_key_is_rewritten_small(tmp_path: Path) -> None:
@@ -206,7 +239,7 @@ def _store_while_waiting(elsewhere: Volume, value: object) -> threading.Thread:
 
     def compute() -> None:
         time.sleep(0.3)
-        elsewhere.results.write(key=KEY, obj=value, holder="computing")
+        elsewhere.write(value, holder="computing")
         elsewhere.locks.release_lock(KEY, "computing")
 
     thread = threading.Thread(target=compute)
