@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from juicecache.entryfile import CACHE_KEY
+from juicecache.scan import NOT_A_CACHE_KEY
 from tests.support import netns
 from tests.support.cluster import Cluster, Machine, machine_env, running_cluster
 from tests.support.driver import DRIVER, Driver
@@ -377,9 +379,15 @@ def test_load_two_hosts(cluster: Cluster, outputs: list[str], fault_report: Faul
     assert all(done.returncode == 0 for done in gc_runs), [done.stderr for done in gc_runs if done.returncode]
     removals = [removal for done in gc_runs for removal in json.loads(done.stdout)["removed"]]
     if with_gc:
-        # gc took part (else the run proves nothing about it), and only ever took expired entries.
+        # gc took part (else the run proves nothing about it), and only ever took expired entries,
+        # besides the stored results of runs that failed earlier in this module (the Redis outage's):
+        # Prefect names those by a random key, never a cache key.
         assert removals, f"{len(gc_runs)} gc runs removed nothing during the load"
-        assert {removal["reason"] for removal in removals} == {"expired"}, removals
+        wrong = [
+            removal for removal in removals
+            if removal["reason"] != ("expired" if CACHE_KEY.fullmatch(removal["key"]) else NOT_A_CACHE_KEY)
+        ]
+        assert not wrong, wrong
 
     recomputed = len(computed) - len({m["key"] for m in computed})
     seconds = sorted(run["seconds"] for run in runs)
