@@ -42,6 +42,7 @@ DEFAULTS: dict[str, str] = {
     "JUICECACHE_REQUIRE_VOLUME": "0",
     "JUICECACHE_READ_ONLY": "0",
     "JUICECACHE_BACKGROUND_SERVER": "1",
+    "JUICECACHE_DEMO_SECONDS": "3",
     "PREFECT_HOME": f"{STATE_DIR}/prefect",
     "PREFECT_API_URL": "",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -78,6 +79,7 @@ class Settings:
     require_volume: bool  # fail instead of caching in the local fallback folder
     read_only: bool  # serve hits, write nothing (a consumer that must not change the cache)
     background_server: bool  # demo runs start a Prefect server in the background when none answers
+    demo_seconds: float  # how long the demo's task pretends to compute: what a hit saves
     prefect_home: Path
     prefect_api_url: str
     ui_host: str
@@ -205,6 +207,7 @@ def load_settings(root: Path | None = None) -> Settings:
         require_volume=_flag("JUICECACHE_REQUIRE_VOLUME", get("JUICECACHE_REQUIRE_VOLUME")),
         read_only=_flag("JUICECACHE_READ_ONLY", get("JUICECACHE_READ_ONLY")),
         background_server=_flag("JUICECACHE_BACKGROUND_SERVER", get("JUICECACHE_BACKGROUND_SERVER")),
+        demo_seconds=_positive_float("JUICECACHE_DEMO_SECONDS", get("JUICECACHE_DEMO_SECONDS")),
         prefect_home=path("PREFECT_HOME"),
         prefect_api_url=os.environ.get("PREFECT_API_URL", "").strip(),
         ui_host=get("PREFECT_UI_HOST"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from juicecache.entryfile import read_header
 from juicecache.volume import MountState, mount_info
-from tests.support.environment import MAIN, Sandbox, is_mounted
+from tests.support.environment import DEMO_SECONDS, MAIN, Sandbox, is_mounted
 from tests.support.processes import free_port, wait_until
 
 
@@ -25,6 +25,7 @@ def run_json(box: Sandbox, *values: str, extra: tuple[str, ...] = ()) -> tuple[d
 
 
 def test_miss_then_hit_on_the_volume(mounted: Sandbox) -> None:
+    mounted.use_default_demo_seconds()  # the 3 s task a hit saves
     first, first_seconds = run_json(mounted, "1", "2.5", "abc")
     second, second_seconds = run_json(mounted, "1", "2.5", "abc")
 
@@ -72,7 +73,7 @@ def test_refresh_recomputes_and_overwrites(mounted: Sandbox) -> None:
     assert all(host == "before-refresh" for _, _, host in before)
 
     refreshed, _ = run_json(mounted, "5", extra=("--refresh",))
-    assert refreshed["cache"] == "miss" and refreshed["seconds"] >= 3
+    assert refreshed["cache"] == "miss" and refreshed["seconds"] >= DEMO_SECONDS
     assert refreshed["computed_on"] == socket.gethostname()
     after = [(path.stat().st_ino, read_header(path).created, read_header(path).host) for path in files]
     for (inode, created, _), (new_inode, new_created, host) in zip(before, after, strict=True):

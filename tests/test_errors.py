@@ -43,6 +43,7 @@ def test_unreadable_env_file(sandbox: Sandbox) -> None:
 def test_bad_setting_is_named(sandbox: Sandbox) -> None:
     assert_one_line_error(sandbox.run("-input", "1", extra_env={"JFS_NAME": "Bad Name!"}), "JFS_NAME")
     assert_one_line_error(sandbox.run("-input", "1", extra_env={"JUICECACHE_LOCK_TIMEOUT": "-3"}), "JUICECACHE_LOCK_TIMEOUT")
+    assert_one_line_error(sandbox.run("-input", "1", extra_env={"JUICECACHE_DEMO_SECONDS": "soon"}), "JUICECACHE_DEMO_SECONDS")
 
 
 def test_env_file_is_loaded_and_environment_wins(sandbox: Sandbox) -> None:

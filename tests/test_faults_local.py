@@ -77,6 +77,7 @@ def test_client_killed_mid_run_then_scripts_recover(sandbox: Sandbox, fault_repo
     client's session until the session expires, 5 heartbeats after its last one (60 s with
     the default --heartbeat of 12 s; 2 s here, so the test waits 10 s, not a minute)."""
     sandbox.env["JFS_MOUNT_OPTIONS"] = "--heartbeat 2s"
+    sandbox.use_default_demo_seconds()  # the run is still computing when its client is killed
     mounted = sandbox.run("mount", timeout=90)
     assert mounted.returncode == 0, mounted.stderr
     kept, _ = demo(sandbox, "kept", "before", "the", "crash")

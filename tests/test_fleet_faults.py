@@ -2,8 +2,8 @@
 
 Three client hosts (A, B, C: network namespaces, each mounting the volume through its own
 JuiceFS client) and the storage host (Redis, SeaweedFS S3, the Prefect server). Every host
-mounts with `--heartbeat 3s`, so a client's session, and every lock it holds, expires
-15 s (5 heartbeats) after its last heartbeat instead of 60 s: the tests wait a quarter as
+mounts with `--heartbeat 2s`, so a client's session, and every lock it holds, expires
+10 s (5 heartbeats) after its last heartbeat instead of 60 s: the tests wait a sixth as
 long, and the margins below are stated against that expiry.
 
 Each test adds a row to the fault table printed at the end (tests/support/fault_report.py).
@@ -44,10 +44,10 @@ pytestmark = [
     pytest.mark.skipif(netns.unavailable_reason() is not None, reason=str(netns.unavailable_reason())),
 ]
 
-HEARTBEAT = 3.0
+HEARTBEAT = 2.0
 SESSION_EXPIRY = 5 * HEARTBEAT
 # A dead client's lock goes once its session has expired and a live client has cleaned it up
-# (each client tries every ~0.9 heartbeat): about 15-18 s here. The bound leaves room for a
+# (each client tries every ~0.9 heartbeat): about 10-12 s here. The bound leaves room for a
 # loaded 2-core machine: twice the expiry, plus 15 s.
 TAKEOVER_BOUND = 2 * SESSION_EXPIRY + 15
 

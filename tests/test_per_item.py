@@ -7,6 +7,7 @@ from tests.support.runs import run_json
 
 
 def test_only_new_items_are_computed(mounted: Sandbox) -> None:
+    mounted.use_default_demo_seconds()  # computations long next to a run's overhead: concurrency shows
     first = run_json(mounted, "-input", "1", "2", "3", "--per-item")
     assert first["mode"] == "per-item" and first["cache"] == "miss"
     assert [item["cache"] for item in first["items"]] == ["miss"] * 3

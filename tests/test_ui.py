@@ -60,6 +60,7 @@ def ui_sandbox() -> Iterator[tuple[Sandbox, str]]:
     folder = Path(tempfile.mkdtemp(prefix="jc-ui-"))
     with local_sandbox(folder, f"{ui_url}/api") as box:
         box.env.update(PREFECT_UI_HOST="127.0.0.1", PREFECT_UI_PORT=str(port))
+        box.use_default_demo_seconds()  # the screenshots show the demo as a newcomer runs it
         log = folder / "ui-server.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(

@@ -17,9 +17,6 @@ from prefect.context import FlowRunContext, TaskRunContext
 from juicecache.cache import active, as_timedelta, cached_task, stable_hash
 from juicecache.entryfile import DATA, INLINE_MAX_BYTES, RECORDS
 
-# The pretend cost of the computation: what a cache hit saves.
-TASK_SECONDS = 3.0
-
 Value = int | float | str
 
 
@@ -81,7 +78,7 @@ def hash_values(context: TaskRunContext | None, parameters: dict[str, Any]) -> s
 def compute(values: list[Value]) -> dict[str, Any]:
     """Sleeps to stand for real work; records where and how long, so a hit can say what it saved."""
     started = time.perf_counter()
-    time.sleep(TASK_SECONDS)
+    time.sleep(active().settings.demo_seconds)
     return {
         "value": summarize(values),
         "computed_on": socket.gethostname(),

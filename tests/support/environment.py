@@ -43,6 +43,13 @@ def isolated_env(folder: Path) -> dict[str, str]:
     return {**inherited_env(), "JUICECACHE_ENV_FILE": str(env_file), "PYTHONPATH": str(REPO)}
 
 
+# The demo task's pretend computation in a sandbox's runs (3 s by default): most tests check
+# whether a run was a hit or a miss, not how long a miss takes, and their misses add up to
+# minutes. Tests that need the default's length (a hit measured against a miss, a run killed
+# while it computes) set it back with `Sandbox.use_default_demo_seconds`.
+DEMO_SECONDS = 1.0
+
+
 def sandbox_env(path: Path, api_url: str) -> dict[str, str]:
     """An embedded volume (SQLite metadata, objects in a folder) under `path`, reporting to `api_url`."""
     return {
@@ -57,6 +64,7 @@ def sandbox_env(path: Path, api_url: str) -> dict[str, str]:
         # Runs always have a server (PREFECT_API_URL); a test that takes it away gets Prefect's
         # temporary one, never a background server that would outlive the test.
         "JUICECACHE_BACKGROUND_SERVER": "0",
+        "JUICECACHE_DEMO_SECONDS": f"{DEMO_SECONDS:g}",
         "PREFECT_HOME": str(path / "prefect"),
         "PREFECT_API_URL": api_url,
     }
@@ -88,6 +96,10 @@ class Sandbox:
     @property
     def fallback_dir(self) -> Path:
         return Path(self.env["JUICECACHE_FALLBACK_DIR"])
+
+    def use_default_demo_seconds(self) -> None:
+        """Let the demo task take its default time (see DEMO_SECONDS)."""
+        self.env.pop("JUICECACHE_DEMO_SECONDS", None)
 
     def argv(self, *args: str, script: Path = MAIN) -> list[str]:
         argv = [str(script), *args] if script.suffix == ".sh" else [self.python, str(script), *args]
