@@ -251,13 +251,13 @@ class Fault:
 @dataclass
 class SoakConfig:
     seconds: float
+    session_expiry: float  # 5 x the hosts' --heartbeat: the cluster's mount options decide it
     keys: int = 30
     processes: int = 4  # per host
     expire: float = 10.0
     work_seconds: float = 0.4
     pace: float = 1.0
     payload_bytes: int = 4096
-    session_expiry: float = 10.0  # 5 x the hosts' --heartbeat
     quiet: tuple[float, float] = (4.0, 8.0)  # seconds between one fault's recovery and the next fault
     seed: int = field(default_factory=lambda: secrets.randbits(32))
 
