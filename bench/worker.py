@@ -270,6 +270,24 @@ class Bench:
         for _, target in self.rounds(hits):
             target.use()
             self.record("small_hit", target.slug, self.call(target.small, keys[target.slug], expect="Cached")[0])
+        self.entry_file(hits)
+
+    def entry_file(self, repeats: int) -> None:
+        """A small hit's file operations alone, on each folder backend: open, status, read and close one
+        small entry file, with the process idle for 10 ms before each. A hit comes after the run's other
+        work, so the mount's client has gone idle; back to back, it answers several times faster."""
+        folders = [t for t in self.targets if t.backend["kind"] == "folder"]
+        files = {}
+        for target in folders:
+            target.use()
+            files[target.slug] = next((target.folder() / "records").glob("small-result-*"))
+        for _, target in self.rounds(repeats, folders):
+            time.sleep(0.01)
+            started = time.perf_counter()
+            descriptor = os.open(files[target.slug], os.O_RDONLY)
+            os.read(descriptor, os.fstat(descriptor).st_size)  # as a hit reads: never past the end
+            os.close(descriptor)
+            self.record("entry_file_small", target.slug, time.perf_counter() - started)
 
     def large(self, sizes_mib: list[int], repeats: int) -> None:
         for mib in sizes_mib:
