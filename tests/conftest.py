@@ -7,8 +7,6 @@ pointed at the session's server (a temporary server per process would cost 5-15 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,13 +14,22 @@ import pytest
 
 from tests.support.environment import Sandbox, local_sandbox
 from tests.support.prefect_server import running_prefect_server
+from tests.support.scratch import fuse_sockets, remove_orphaned_fuse_sockets, temporary_prefect_home
 
 # Tests that import Prefect in pytest's own process keep its files in a temporary folder,
 # never in ~/.prefect (every run the tests start gets its own PREFECT_HOME).
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="juicecache-tests-prefect-"))
+temporary_prefect_home("juicecache-tests-prefect-")
 
 # The fault suite's summary table, printed at the end of any run that includes it.
 pytest_plugins = ["tests.support.fault_report"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_orphaned_fuse_sockets() -> Iterator[None]:
+    """Remove the sockets of the JuiceFS clients the session killed (see tests/support/scratch.py)."""
+    before = fuse_sockets()
+    yield
+    remove_orphaned_fuse_sockets(before)
 
 
 @pytest.fixture(scope="session")

@@ -101,7 +101,7 @@ def test_another_process_waits_for_the_computation_not_for_its_parent(mounted: S
     the key gets its hit while the parent task still runs."""
     markers = mounted.mount_point / "markers"
     parent = subprocess.Popen(
-        [sys.executable, str(SHAPES), "hold", str(markers), "6", "20"], env={**mounted.env, **ON_PATH},
+        [sys.executable, str(SHAPES), "hold", str(markers), "6", "12"], env={**mounted.env, **ON_PATH},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
     )
     try:
@@ -121,7 +121,8 @@ def test_served_flow_runs_share_the_cache(mounted: Sandbox) -> None:
     markers = mounted.mount_point / "markers"
     name = "fleet-serve"
     server = subprocess.Popen(
-        [sys.executable, str(SHAPES), "serve", str(markers), name], env={**mounted.env, **ON_PATH},
+        # The runner looks for scheduled runs every second (Prefect's default: every 10 s).
+        [sys.executable, str(SHAPES), "serve", str(markers), name], env={**mounted.env, **ON_PATH, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True,
     )
     try:

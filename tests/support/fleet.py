@@ -115,7 +115,8 @@ def running_services(logs: Path) -> Iterator[Services]:
 def plain_env(cluster: Cluster, path: Path) -> dict[str, str]:
     """The environment of a process that knows the Prefect server and nothing of juicecache (no secrets)."""
     env = {name: value for name, value in cluster.env.items() if not name.startswith(JUICECACHE_PREFIXES)}
-    return {**env, "PREFECT_HOME": str(path / "prefect")}
+    # DASK_TEMPORARY_DIRECTORY: a Dask scheduler keeps a scratch folder, in /tmp unless told.
+    return {**env, "PREFECT_HOME": str(path / "prefect"), "DASK_TEMPORARY_DIRECTORY": str(path / "dask")}
 
 
 def fleet_env(machine: Machine, **extra: str) -> dict[str, str]:

@@ -54,11 +54,14 @@ def square(x: int, token: str) -> dict[str, Any]:
 
 def final_state(client: Any, task_run_id: Any, timeout: float = 240) -> Any:
     """Polled: Prefect's event-based `future.wait()` misses the end of a run that finishes
-    before its event subscription is up (a hit on a warm worker), and then waits out its timeout."""
+    before its event subscription is up (a hit on a warm worker), and then waits out its timeout.
+    A task run read just after `delay` may have no state yet: not final either."""
     deadline = time.monotonic() + timeout
-    while not (state := client.read_task_run(task_run_id).state).is_final() and time.monotonic() < deadline:
+    while True:
+        state = client.read_task_run(task_run_id).state
+        if (state is not None and state.is_final()) or time.monotonic() >= deadline:
+            return state
         time.sleep(0.2)
-    return state
 
 
 def submit(values: list[int], token: str) -> None:

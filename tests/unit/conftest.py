@@ -4,7 +4,8 @@ for the volume. Prefect is imported with its home in a temporary folder, never `
 from __future__ import annotations
 
 import os
-import tempfile
 
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="juicecache-unit-prefect-"))
+from tests.support.scratch import temporary_prefect_home
+
+temporary_prefect_home("juicecache-unit-prefect-")
 os.environ.setdefault("PREFECT_API_URL", "")
