@@ -91,11 +91,12 @@ def verdicts(results: dict) -> list[Verdict]:
             found.append(Verdict(f"{names[slug]}: 8 concurrent same-key runs compute once, wall <= 4 s", profile,
                                  f"{outcome['computations']} computation(s), {outcome['wall_seconds']:.2f} s", ok))
         floor = median(s["import_prefect"]["python"])
+        local_over = median(s["e2e_over_import"]["local"])  # the same run on local disk: Prefect's own share
         for slug in volumes:
             e2e, over = median(s["e2e_hit"][slug]), median(s["e2e_over_import"][slug])
-            found.append(Verdict(f"{names[slug]} cached `main.py` run (server running) <= import prefect + 0.5 s",
-                                 profile, f"+{over:.2f} s over import prefect in the same round (medians: hit {e2e:.2f} s, import {floor:.2f} s)",
-                                 over <= 0.5))
+            found.append(Verdict(f"{names[slug]} cached `main.py` run (server running) <= import prefect + 0.5 s", profile,
+                                 f"+{over:.2f} s over import prefect in the same round (local disk: +{local_over:.2f} s; "
+                                 f"medians: hit {e2e:.2f} s, import {floor:.2f} s)", over <= 0.5))
         levels = sorted(int(m.rsplit("_", 1)[1]) for m in s if m.startswith("scale_hit_"))
         if levels:
             for slug in [v for v in volumes if v in s[f"scale_hit_{levels[0]}"]]:  # not PostgreSQL: see worker.scale
