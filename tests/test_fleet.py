@@ -120,9 +120,11 @@ def test_another_process_waits_for_the_computation_not_for_its_parent(mounted: S
 def test_served_flow_runs_share_the_cache(mounted: Sandbox) -> None:
     markers = mounted.mount_point / "markers"
     name = "fleet-serve"
+    # The runner looks for scheduled runs every second (Prefect's default: every 10 s), and
+    # leaves an empty `runner_storage` in its temporary folder: the sandbox's, not /tmp.
+    runner = {"PREFECT_RUNNER_POLL_FREQUENCY": "1", "TMPDIR": str(mounted.path)}
     server = subprocess.Popen(
-        # The runner looks for scheduled runs every second (Prefect's default: every 10 s).
-        [sys.executable, str(SHAPES), "serve", str(markers), name], env={**mounted.env, **ON_PATH, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+        [sys.executable, str(SHAPES), "serve", str(markers), name], env={**mounted.env, **ON_PATH, **runner},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True,
     )
     try:

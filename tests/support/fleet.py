@@ -185,13 +185,17 @@ def start_dask(services: Services, cluster: Cluster, path: Path) -> DaskFleet:
 
 
 def start_prefect_worker(services: Services, machine: Machine, name: str, pool: str, queue: str) -> Service:
-    """`prefect worker start` on `machine`, polling one queue of `pool`, with the host's environment."""
+    """`prefect worker start` on `machine`, polling one queue of `pool`, with the host's environment.
+
+    Its temporary folder is its own: Prefect's runner leaves an empty `runner_storage` in it."""
+    folder = machine.path / "prefect-worker"
+    (folder / "tmp").mkdir(parents=True, exist_ok=True)
     return services.start(
         f"prefect-worker-{name}", machine.host,
         [
             sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--work-queue", queue,
             "--name", f"fleet-{name}",
         ],
-        fleet_env(machine, PREFECT_WORKER_QUERY_SECONDS="1"), machine.path / "prefect-worker",
+        fleet_env(machine, PREFECT_WORKER_QUERY_SECONDS="1", TMPDIR=str(folder / "tmp")), folder,
     )
 
