@@ -253,8 +253,8 @@ def end_to_end(built: Lab, profile: Profile, plan: Plan, api_url: str, no_server
     def add(metric: str, slug: str, seconds: float) -> None:
         samples.setdefault(metric, {}).setdefault(slug, []).append(seconds)
 
-    # Each round times `import prefect` and a hit on every backend, in a rotating order, and keeps
-    # each hit's excess over that round's import: a busy moment of the machine slows a whole round.
+    # Each round times `import prefect` and a hit on every backend, in a rotating order: a busy
+    # moment of the machine slows a whole round, so the report compares each hit with its round's import.
     runs = [("import", base), *envs.items()]
     for round_ in range(plan.e2e):
         shift = round_ % len(runs)
@@ -267,7 +267,6 @@ def end_to_end(built: Lab, profile: Profile, plan: Plan, api_url: str, no_server
         add("import_prefect", "python", seconds.pop("import"))
         for slug, hit in seconds.items():
             add("e2e_hit", slug, hit)
-            add("e2e_over_import", slug, hit - samples["import_prefect"]["python"][-1])
     if no_server:
         # Prefect's temporary server, as a run without a server and without the background one gets.
         env = {**envs["jfs-sqlite"], "PREFECT_API_URL": "", "PREFECT_UI_PORT": str(free_ports(1)), "JUICECACHE_BACKGROUND_SERVER": "0"}

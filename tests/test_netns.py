@@ -144,7 +144,7 @@ def test_latency_slows_round_trips_to_that_host():
 @pytest.mark.skipif(netns.netem_unavailable_reason() is None, reason="netem works here; see the latency test")
 def test_latency_without_netem_fails_clearly_and_leaves_nothing():
     """On kernels without sch_netem, asking for latency must be a clear error, not a silently fast network."""
-    ours = f"{netns.PREFIX}-{os.getpid() & 0xFFFFFF:06x}"  # this process's names: a parallel run may add its own
+    ours = netns.process_token()  # this process's names only: a parallel run may add its own
     before = _names_with(ours)
     with pytest.raises(netns.NetemUnavailable, match="netem|tc"):
         with netns.network(["a", "b"], latency={"b": "20ms"}):

@@ -96,8 +96,13 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return _run(["ip", *args], check=check)
 
 
+def process_token() -> str:
+    """The part of every name this process makes that says it made it (its pid)."""
+    return f"{os.getpid() & 0xFFFFFF:06x}"
+
+
 def _new_token() -> str:
-    return f"{os.getpid() & 0xFFFFFF:06x}{secrets.token_hex(1)}"
+    return f"{process_token()}{secrets.token_hex(1)}"
 
 
 @functools.cache
