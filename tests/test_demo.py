@@ -27,13 +27,14 @@ def run_json(box: Sandbox, *values: str, extra: tuple[str, ...] = ()) -> tuple[d
 def test_miss_then_hit_on_the_volume(mounted: Sandbox) -> None:
     mounted.use_default_demo_seconds()  # the 3 s task a hit saves
     first, first_seconds = run_json(mounted, "1", "2.5", "abc")
-    second, second_seconds = run_json(mounted, "1", "2.5", "abc")
+    second, _ = run_json(mounted, "1", "2.5", "abc")
 
     assert first["cache"] == "miss" and first_seconds >= 3 and first["seconds"] >= 3
-    # The whole process includes Prefect's start-up (about 2 s); the run itself is what the cache saves.
-    # Relative to the miss measured here, not an absolute bound a loaded machine would break: the
-    # hit skips the 3 s of work, so it takes at least 2 s less than the miss's run.
-    assert second["cache"] == "hit" and second["seconds"] < first["seconds"] - 2 and second_seconds < first_seconds
+    # The run itself is what the cache saves: the hit skips the 3 s of work, so its run takes at
+    # least 2 s less than the miss's, measured here (not an absolute bound a loaded machine would
+    # break). The whole process adds Prefect's start-up and API calls, which a loaded machine
+    # stretches by seconds either way; bench/ measures the end to end run.
+    assert second["cache"] == "hit" and second["seconds"] < first["seconds"] - 2
     assert first["result"] == second["result"] == {"count": 3, "sum": 3.5, "text": "abc"}
     assert first["inputs"] == [1, 2.5, "abc"]
     assert first["key"] == second["key"]

@@ -327,6 +327,7 @@ def test_a_plain_task_with_the_shared_policy_shares_entries_across_hosts(cluster
     assert len(list((tmp_path / "markers").iterdir())) == 1
 
 
+@pytest.mark.timeout(600)  # starting two workers and up to four submissions, each bounded on its own
 def test_task_workers_on_two_hosts_share_the_cache(cluster: Cluster, tmp_path: Path) -> None:
     """`task.delay(...)` (issue #18; the one-host version is tests/test_task_workers.py): a task
     worker on host A and one on host B. Six new inputs submitted from A compute once each, on

@@ -34,6 +34,7 @@ from prefect import get_client
 from prefect.task_worker import serve
 
 WORK_SECONDS = 1.0
+SUBMISSION_SECONDS = 150
 
 
 def note_served(task: Any, task_run: Any, state: Any) -> None:
@@ -52,11 +53,10 @@ def square(x: int, token: str) -> dict[str, Any]:
     return {"x": x, "square": x * x, "token": token}
 
 
-def final_state(client: Any, task_run_id: Any, timeout: float = 240) -> Any:
-    """Polled: Prefect's event-based `future.wait()` misses the end of a run that finishes
-    before its event subscription is up (a hit on a warm worker), and then waits out its timeout.
-    A task run read just after `delay` may have no state yet: not final either."""
-    deadline = time.monotonic() + timeout
+def final_state(client: Any, task_run_id: Any, deadline: float) -> Any:
+    """Polled until `deadline` (monotonic): Prefect's event-based `future.wait()` misses the end
+    of a run that finishes before its event subscription is up (a hit on a warm worker), and then
+    waits out its timeout. A task run read just after `delay` may have no state yet: not final either."""
     while True:
         state = client.read_task_run(task_run_id).state
         if (state is not None and state.is_final()) or time.monotonic() >= deadline:
@@ -66,9 +66,14 @@ def final_state(client: Any, task_run_id: Any, timeout: float = 240) -> Any:
 
 def submit(values: list[int], token: str) -> None:
     futures = [square.delay(x, token) for x in values]
+    # One deadline for the whole submission, well inside the test's own timeout, so that a run
+    # that never ends is reported (its state, the workers' logs) rather than cut short.
+    deadline = time.monotonic() + SUBMISSION_SECONDS
     with get_client(sync_client=True) as client:
         for x, future in zip(values, futures, strict=True):
-            state = final_state(client, future.task_run_id)
+            state = final_state(client, future.task_run_id, deadline)
+            if state is None or not state.is_final():
+                sys.exit(f"task run {future.task_run_id} (x={x}) is still {state and state.name} after {SUBMISSION_SECONDS} s")
             value = state.result() if state.is_completed() else None  # what `future.result()` does
             print(json.dumps({"x": x, "task_run": str(future.task_run_id), "state": state.name, "value": value}), flush=True)
 

@@ -66,8 +66,9 @@ def submit(argv: list[str], env: dict[str, str], values: list[int]) -> subproces
     )
 
 
-def outcomes(process: subprocess.Popen[str], workers: list[Worker], timeout: float = 300) -> dict[int, dict]:
-    """The submitter's report, by input: task run, final state name, value."""
+def outcomes(process: subprocess.Popen[str], workers: list[Worker], timeout: float = 200) -> dict[int, dict]:
+    """The submitter's report, by input: task run, final state name, value. The submitter gives
+    up on its runs (and fails, naming the run) after task_worker_flow.SUBMISSION_SECONDS; `timeout` only bounds a submitter that hangs."""
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
