@@ -187,6 +187,13 @@ def mount_log(settings: Settings) -> Path:
     return settings.cache_dir / "juicefs-mount.log"
 
 
+def backup_scratch(settings: Settings) -> Path:
+    """The mount's temporary folder. JuiceFS dumps its periodic metadata backup into
+    `$TMPDIR/meta/` before uploading it to the object storage, and leaves that folder behind:
+    it goes beside the mount's log, not into the machine's /tmp."""
+    return settings.cache_dir / "tmp"
+
+
 def failing_volume_message(settings: Settings, reason: str) -> str:
     return (
         f"the JuiceFS volume at {settings.mount_point} failed ({reason}): its metadata engine (JFS_META_URL) "
@@ -216,7 +223,7 @@ def mount_volume(settings: Settings) -> str:
     _check_reachable(settings)
     formatted = format_volume(settings, juicefs)
     make_folder_for_setting(settings.mount_point, "JFS_MOUNT_POINT")
-    make_folder_for_setting(settings.cache_dir, "JFS_CACHE_DIR")
+    make_folder_for_setting(backup_scratch(settings), "JFS_CACHE_DIR")
     _run(
         [
             juicefs, "mount", "--background", "--no-usage-report",
@@ -229,6 +236,7 @@ def mount_volume(settings: Settings) -> str:
         settings,
         what="mount",
         timeout=60,
+        extra_env={"TMPDIR": str(backup_scratch(settings))},
     )
     if formatted:
         # `juicefs format` leaves the root world-writable (0777): anyone on any host could then
@@ -395,9 +403,10 @@ def _probe(what: str, setting: str, url: str, shown: str) -> None:
         raise VolumeError(f"{what} unreachable at {parts.hostname}:{port} ({setting}={shown}): {reason}") from None
 
 
-def _run(args: list[str], settings: Settings, what: str, timeout: float) -> None:
+def _run(args: list[str], settings: Settings, what: str, timeout: float, extra_env: dict[str, str] | None = None) -> None:
     try:
-        done = subprocess.run(args, env=settings.juicefs_env(), capture_output=True, text=True, timeout=timeout)
+        env = {**settings.juicefs_env(), **(extra_env or {})}
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise VolumeError(f"juicefs {what} did not finish within {timeout:.0f} s") from None
     if done.returncode != 0:

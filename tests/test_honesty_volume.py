@@ -1,6 +1,7 @@
 """Volume and settings edge cases, on real mounts: another volume at the mount point, a mount
 that is not juicecache's, a dead mount seen through the public API, mount options that
-override juicecache's defaults, and settings files and values at their edges."""
+override juicecache's defaults, where JuiceFS's metadata backup goes, and settings files and
+values at their edges."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from juicecache.settings import SettingsError, load_settings
 from tests.support.environment import JUICECACHE_PREFIXES, MAIN, Sandbox, is_mounted, juicefs_client_pids
 from tests.support.exec_log import ExecLog
+from tests.support.processes import wait_until
 from tests.support.runs import assert_one_line_error, volume_status
 
 
@@ -75,6 +77,17 @@ def test_mount_options_override_juicecaches_defaults(sandbox: Sandbox) -> None:
     assert flags.count("--io-retries") == 1 and argv[argv.index("--io-retries") + 1] == "5"
     assert flags.count("--get-timeout") == 1 and "--get-timeout=20s" in argv
     assert argv[argv.index("--put-timeout") + 1] == "10s" and argv[argv.index("--entry-cache") + 1] == "0"
+
+
+def test_the_metadata_backup_stays_in_the_cache_folder(sandbox: Sandbox) -> None:
+    """JuiceFS dumps its periodic metadata backup into `$TMPDIR/meta/` before uploading it, and
+    leaves that folder behind: a mount's goes into its cache folder, not the machine's /tmp.
+    The backup comes every few seconds here: JuiceFS refuses an interval under 5 minutes
+    unless SKIP_BACKUP_META_CHECK is set."""
+    done = sandbox.run("mount", timeout=90, extra_env={"JFS_MOUNT_OPTIONS": "--backup-meta 10s", "SKIP_BACKUP_META_CHECK": "true"})
+    assert done.returncode == 0, done.stderr
+    assert wait_until(lambda: any((sandbox.path / "objects").rglob("meta/dump-*.json.gz")), 90), "no metadata backup was uploaded"
+    assert (sandbox.cache_dir / "tmp" / "meta").is_dir()  # volume.backup_scratch
 
 
 @pytest.fixture
