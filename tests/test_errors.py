@@ -73,7 +73,9 @@ def test_dead_mount_fails_fast_and_writes_nothing_locally(mounted: Sandbox) -> N
         os.kill(pid, signal.SIGKILL)
     assert mount_info(mounted.mount_point).state is MountState.DEAD
     started = time.monotonic()
-    done = mounted.run("-input", "1", timeout=30)
-    assert time.monotonic() - started < 10
+    done = mounted.run("-input", "1", timeout=60)
+    # Fast means no retrying and no waiting on the mount: it fails as soon as its first probe
+    # answers. The whole process took 4 s here, and once 11 s on a loaded machine.
+    assert time.monotonic() - started < 20
     assert_one_line_error(done, "dead", "stop_juice.sh", "start_juice.sh")
     assert not mounted.fallback_dir.exists()

@@ -49,13 +49,14 @@ def new_inputs() -> list[str]:
 
 def test_computed_on_a_is_a_hit_on_b(cluster: Cluster) -> None:
     values = new_inputs()
-    first, first_seconds = cluster.a.demo(*values)
-    second, second_seconds = cluster.b.demo(*values)
+    first, _ = cluster.a.demo(*values)
+    second, _ = cluster.b.demo(*values)
 
-    # Process wall times include Prefect's own start-up; the run itself is what the cache saves.
+    # The run itself is what the cache saves (whole processes add Prefect's start-up, which a
+    # loaded machine stretches by seconds either way). Relative to the miss measured here: the
+    # hit skips the 3 s of work, so it takes at least 2 s less.
     assert first["cache"] == "miss" and first["seconds"] >= 3
-    # Relative to the miss measured here: the hit skips the 3 s of work, so it takes at least 2 s less.
-    assert second["cache"] == "hit" and second["seconds"] < first["seconds"] - 2 and second_seconds < first_seconds
+    assert second["cache"] == "hit" and second["seconds"] < first["seconds"] - 2
     assert first["result"] == second["result"] and first["key"] == second["key"]
     # Same entry, reached through two different mount points.
     assert first["storage"].startswith(str(cluster.a.mount_point))
