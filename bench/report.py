@@ -80,7 +80,8 @@ def verdicts(results: dict) -> list[Verdict]:
                                      profile, _operations(counted), counted["total"] <= MAX_FUSE_OPS))
         for mib in results["meta"]["plan"]["sizes_mib"]:
             for slug in volumes:
-                for what, task_metric, raw_metric, least in (("write", "task_write", "raw_write", 0.6), ("hit", "task_read", "raw_read", 0.25)):
+                for what, least in (("write", 0.6), ("hit", 0.25)):
+                    task_metric, raw_metric, _ = STAGES[what]
                     share = median(s[f"{raw_metric}_{mib}"][slug]) / median(s[f"{task_metric}_{mib}"][slug])
                     stages = _stages(s, slug, mib, what)
                     found.append(Verdict(f"{names[slug]} {mib} MiB {what} >= {least:.0%} of raw {what.replace('hit', 'read')}",

@@ -223,7 +223,9 @@ def mount_volume(settings: Settings) -> str:
     _check_reachable(settings)
     formatted = format_volume(settings, juicefs)
     make_folder_for_setting(settings.mount_point, "JFS_MOUNT_POINT")
-    make_folder_for_setting(backup_scratch(settings), "JFS_CACHE_DIR")
+    make_folder_for_setting(settings.cache_dir, "JFS_CACHE_DIR")
+    scratch = backup_scratch(settings)
+    make_folder_for_setting(scratch, "JFS_CACHE_DIR")
     _run(
         [
             juicefs, "mount", "--background", "--no-usage-report",
@@ -236,7 +238,7 @@ def mount_volume(settings: Settings) -> str:
         settings,
         what="mount",
         timeout=60,
-        extra_env={"TMPDIR": str(backup_scratch(settings))},
+        extra_env={"TMPDIR": str(scratch)},
     )
     if formatted:
         # `juicefs format` leaves the root world-writable (0777): anyone on any host could then
