@@ -20,7 +20,8 @@ from pathlib import Path
 
 import blake3
 
-from juicecache.hugepages import OWN_BUFFER_BYTES, HugeBuffer, allocate
+from juicecache.bytespickle import CLOSING, PickledBytes, data_offset
+from juicecache.hugepages import OWN_BUFFER_BYTES, HugeBuffer, allocate, new_bytes
 
 MAGIC = b"JCE1 "
 # The id Prefect records as `storage_block_id` in every state it stores through juicecache
@@ -104,6 +105,8 @@ KEYED = ("blake3-keyed", "hmac-sha256")
 _PARALLEL_HASH_BYTES = 1 << 20
 # What an entry's content is held in: read (`read_entry`), or about to be written.
 Content = bytes | bytearray | memoryview | HugeBuffer
+# What `read_entry` gives: the content in one buffer, or the pickle of one bytes object in its parts.
+ReadContent = bytearray | HugeBuffer | PickledBytes
 
 
 def _size(content: Content) -> int:
@@ -151,12 +154,13 @@ class Signer:
             digest.update(part)
         return digest.hexdigest()
 
-    def check(self, name: str, header: EntryHeader, content: Content) -> None:
+    def check(self, name: str, header: EntryHeader, content: Content | PickledBytes) -> None:
         if len(content) != header.size:
             what = "truncated" if len(content) < header.size else "longer than its header says"
             raise EntryRefused(f"{what}: {len(content)} of {header.size} bytes")
         self.check_header(header)
-        self._compare(header, self.digest(name, content, header.algorithm, header.inline))
+        parts = content.parts if isinstance(content, PickledBytes) else content
+        self._compare(header, self.digest(name, parts, header.algorithm, header.inline))
 
     def check_header(self, header: EntryHeader) -> None:
         """What the header alone can refuse: no signature, or one made with another key."""
@@ -205,7 +209,7 @@ def write_atomically(path: Path, chunks: list[Content]) -> int:
     return inode
 
 
-def read_entry(path: Path) -> tuple[EntryHeader, bytearray | HugeBuffer, os.stat_result]:
+def read_entry(path: Path, bytes_pickle: bool = False) -> tuple[EntryHeader, ReadContent, os.stat_result]:
     """An entry file's header, its content (not yet checked: see `Signer.check`) and its status.
 
     Read with as few operations on the mount as a file allows. Its status comes right after
@@ -213,6 +217,9 @@ def read_entry(path: Path) -> tuple[EntryHeader, bytearray | HugeBuffer, os.stat
     beyond the size it gives: a read past the end makes the kernel ask the mount for the
     file's attributes again, in case it grew. The first read holds the header and, for a
     small entry, all of it; a large content goes straight into a buffer of its size.
+
+    `bytes_pickle`: a large content laid out as the pickle of one bytes object (see
+    `bytespickle`) is read straight into that object, and comes back as a `PickledBytes`.
     """
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -220,7 +227,12 @@ def read_entry(path: Path) -> tuple[EntryHeader, bytearray | HugeBuffer, os.stat
         head = os.pread(fd, min(FIRST_READ_BYTES, status.st_size), 0)
         end = head.find(b"\n", 0, MAX_HEADER) + 1
         header = EntryHeader.from_line(head[:end] if end else head[:MAX_HEADER])
-        content = bytearray(head[end:]) if len(head) < FIRST_READ_BYTES else _read_from(fd, end, status.st_size - end)
+        size = status.st_size - end
+        if len(head) < FIRST_READ_BYTES:
+            content = bytearray(head[end:])
+        else:
+            start = data_offset(head[end:], size) if bytes_pickle else None
+            content = _read_from(fd, end, size) if start is None else _read_bytes_pickle(fd, end, head[end:end + start], size)
     finally:
         os.close(fd)
     return header, content, status
@@ -231,14 +243,32 @@ def _read_from(fd: int, offset: int, size: int) -> bytearray | HugeBuffer:
     large one in huge pages (see `hugepages`), where a bytearray would cost a page fault per 4 KiB."""
     content = allocate(size) if size >= OWN_BUFFER_BYTES else bytearray(size)
     with memoryview(content) as view:
-        done = 0
-        while done < size:
-            count = os.preadv(fd, [view[done:]], offset + done)
-            if count == 0:
-                break
-            done += count
+        done = _fill(fd, view, offset)
     # Shorter than its header said: it is refused, and a short copy will do.
     return content if done == size else bytearray(content[:done])
+
+
+def _read_bytes_pickle(fd: int, offset: int, start: bytes, size: int) -> ReadContent:
+    """The `size` bytes of `fd` from `offset`, the pickle of one bytes object whose data follows
+    `start`: the data read into a new bytes object, the rest checked to be `CLOSING`. Any other
+    content (a shorter file, or other opcodes after the data) is read as it is, into one buffer."""
+    value, view = new_bytes(size - len(start) - len(CLOSING))
+    with view:
+        done = _fill(fd, view, offset + len(start))
+    if done == len(value) and os.pread(fd, len(CLOSING), offset + len(start) + done) == CLOSING:
+        return PickledBytes(value, start)
+    return _read_from(fd, offset, size)
+
+
+def _fill(fd: int, view: memoryview, offset: int) -> int:
+    """Read `fd` from `offset` into `view` until it is full or the file ends; the bytes read."""
+    done = 0
+    while done < view.nbytes:
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            break
+        done += count
+    return done
 
 
 def read_header(path: Path) -> EntryHeader:

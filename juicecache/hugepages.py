@@ -4,9 +4,10 @@ A process writing to memory it has not used yet takes a page fault per 4 KiB pag
 on the benchmark's machine, 0.2 s for 256 MiB, four times what reading those bytes from the
 page cache costs. Linux maps 2 MiB pages instead where a mapping asks for them (`MADV_HUGEPAGE`,
 honoured when /sys/kernel/mm/transparent_hugepage/enabled is `madvise` or `always`): 256 MiB
-are then filled in ~0.05 s. A large hit fills two such buffers (the file read, then what
-`pickle` builds from it) and a large write one (the pickle). Without the advice (not Linux,
-or THP off) they are plain memory.
+are then filled in ~0.05 s. A large hit fills the buffer it reads its file into, then what
+`pickle` builds from it; a bytes result, only the object it returns (`new_bytes`). A large write
+fills one, the pickle (none for a bytes result, see `bytespickle`). Without the advice (not
+Linux, or THP off) they are plain memory.
 """
 
 from __future__ import annotations
@@ -58,6 +59,22 @@ def advise(memory: memoryview) -> None:
     _libc().madvise(ctypes.c_void_p(start + skip), ctypes.c_size_t((memory.nbytes - skip) // HUGE_PAGE * HUGE_PAGE), _ADVICE)
 
 
+def new_bytes(size: int) -> tuple[bytes, memoryview]:
+    """A new bytes object of `size` bytes, not filled yet, and a writable view of them, to fill
+    before anything else sees the object; its memory is advised into huge pages (`advise`).
+
+    Python has no way to fill a bytes object in place, so this asks the C API for one as C code
+    does (`PyBytes_FromStringAndSize(NULL, size)`, then writes: how `os.read` builds its own). A
+    large hit reads its file straight into the object it returns (see `bytespickle`), where
+    reading into a buffer and copying would cost ~100 ms more for 256 MiB.
+    """
+    value = _new_bytes(None, size)
+    # A bytes object's data starts at `ob_sval`, its last field: the object's size less the NUL after the data.
+    view = _memory_at(id(value) + bytes.__basicsize__ - 1, size, _WRITABLE)
+    advise(view)
+    return value, view
+
+
 def extend(array: bytearray, data: memoryview) -> None:
     """`array += data` (bytes), the new memory advised (`advise`) before the copy touches it: a
     bytearray grows in place (`PyByteArray_Resize`), where `+=` would grow and copy at once.
@@ -70,6 +87,13 @@ def extend(array: bytearray, data: memoryview) -> None:
     with memoryview(array) as view:
         advise(view[end:])
         view[end:] = data
+
+
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.argtypes, _new_bytes.restype = [ctypes.c_char_p, ctypes.c_ssize_t], ctypes.py_object
+_memory_at = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_at.argtypes, _memory_at.restype = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int], ctypes.py_object
+_WRITABLE = 0x200  # PyBUF_WRITE
 
 
 @functools.cache

@@ -18,9 +18,10 @@ Large buffers cost a copy each way in a pickle: into it when written, out of it 
 Objects that hand their memory to pickle protocol 5 as a `PickleBuffer` (numpy arrays, and
 pandas data through them) keep it out of the pickle instead: `dumps` returns the pickle and
 those buffers as the parts of one payload (`Framed`), written one after another, and `loads`
-builds the objects on the buffer the payload was read into, without a copy. A large bytes
-object stays in the pickle (it cannot be built on memory it does not own); its copy out of
-the payload lands in huge pages (`_Unpickling`, `hugepages`).
+builds the objects on the buffer the payload was read into, without a copy. A result that is
+one large bytes object is written from itself, and a hit reads it straight into the object it
+returns (`LargeBytes`, see `bytespickle`). A large bytes object inside another result stays in
+the pickle; its copy out of the payload lands in huge pages (`_Unpickling`, `hugepages`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from prefect.serializers import Serializer
 from pydantic_core import SchemaSerializer, core_schema
 
 from juicecache import hugepages
+from juicecache.bytespickle import PickledBytes
 
 SERIALIZER_TYPE = "juicecache-pickle"
 # Every pickle of protocol 2 or later starts with the PROTO opcode; base64 text never does.
@@ -46,7 +48,8 @@ FRAMED_START = b"\x00JCP5"
 # The frame's table: the pickle's size and the number of buffers, then each buffer's size.
 _TABLE = struct.Struct("<QQ")
 _BUFFER_SIZE = struct.Struct("<Q")
-# Buffers this large are kept out of the pickle; smaller ones are copied in (no frame for them).
+# Buffers this large are kept out of the pickle, smaller ones copied in (no frame for them); a
+# bytes result this large is written in parts (`LargeBytes`).
 OUT_OF_BAND_BYTES = 1 << 20
 # Each buffer starts this aligned within the payload (numpy's fastest paths want aligned data).
 _ALIGNMENT = 64
@@ -105,9 +108,16 @@ class Framed:
         return sum(memoryview(part).nbytes for part in self.parts)
 
 
-def payload_parts(payload: Pickled | Framed | bytes) -> list[bytes | bytearray | memoryview]:
+class LargeBytes(PickledBytes):
+    """A result that is one large bytes object, as `dumps` returns it: the pickle in its parts
+    (see `bytespickle`), and base64 text once inside a JSON document."""
+
+    __pydantic_serializer__ = _BASE64_IN_JSON
+
+
+def payload_parts(payload: Pickled | Framed | PickledBytes | bytes) -> list[bytes | bytearray | memoryview]:
     """What to write, one after another, for a payload `dumps` returned (or any bytes)."""
-    return payload.parts if isinstance(payload, Framed) else [payload]
+    return payload.parts if isinstance(payload, (Framed, PickledBytes)) else [payload]
 
 
 class RawPickleSerializer(Serializer):
@@ -121,6 +131,8 @@ class RawPickleSerializer(Serializer):
     type: Literal["juicecache-pickle"] = SERIALIZER_TYPE
 
     def dumps(self, obj: Any) -> bytes:
+        if type(obj) is bytes and len(obj) >= OUT_OF_BAND_BYTES:
+            return LargeBytes(obj)  # type: ignore[return-value]
         pickled, buffers = Pickled(), []
 
         def out_of_band(buffer: pickle.PickleBuffer) -> bool | None:
@@ -137,7 +149,10 @@ class RawPickleSerializer(Serializer):
 
     def loads(self, blob: bytes) -> Any:
         # Only ever given content whose digest or signature `EntryStorage` has checked: a payload
-        # file's pickle, plain or framed, or the base64 text of either in a JSON record (task parameters).
+        # file's pickle, plain or framed, or the base64 text of either in a JSON record (task
+        # parameters); or, read in its parts, the pickle of one bytes object: that object.
+        if isinstance(blob, PickledBytes):
+            return blob.value
         if blob[:1] not in (PICKLE_START, FRAMED_START[:1]):
             try:
                 blob = base64.b64decode(blob, validate=True)

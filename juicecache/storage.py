@@ -43,6 +43,7 @@ import anyio.to_thread
 from prefect.filesystems import WritableFileSystem
 from pydantic import PrivateAttr
 
+from juicecache.bytespickle import PickledBytes
 from juicecache.entryfile import (
     BLOCK_ID,
     BLOCK_TYPE_SLUG,
@@ -52,6 +53,7 @@ from juicecache.entryfile import (
     RECORDS,
     EntryHeader,
     EntryRefused,
+    ReadContent,
     Signer,
     read_entry,
     write_atomically,
@@ -217,7 +219,7 @@ class EntryStorage(WritableFileSystem):
         body = content if inline is None else bytes(content) + inline[1]
         carried = None if inline is None else len(inline[1])
         signer = config.signer
-        parts = payload_parts(body)  # a large result's pickle and its buffers, never joined (see `serializer.Framed`)
+        parts = payload_parts(body)  # a large result in its parts, never joined (`serializer.Framed`, `LargeBytes`)
         header = EntryHeader(
             size=len(body),
             digest=signer.digest(f"{kind}/{target.name}", parts, inline=carried),
@@ -246,6 +248,8 @@ class EntryStorage(WritableFileSystem):
         return await anyio.to_thread.run_sync(self.write_path, path, content)
 
 Identity = tuple[int, int, int]  # inode, size, mtime: a file replaced since is another file
+# A payload as read and checked, for Prefect's deserializer: a large bytes result in its parts.
+Payload = bytes | ReadContent
 
 
 @dataclass(frozen=True)
@@ -257,10 +261,13 @@ class Record:
     identity: Identity
 
 
-def _read_entry(target: Path, kind: str, config: StoreConfig) -> tuple[EntryHeader, bytearray, Identity]:
-    """An entry file's header and content, once they check out, and the identity of the file read."""
+def _read_entry(
+    target: Path, kind: str, config: StoreConfig, bytes_pickle: bool = False
+) -> tuple[EntryHeader, ReadContent, Identity]:
+    """An entry file's header and content, once they check out, and the identity of the file read.
+    `bytes_pickle`: see `read_entry`."""
     try:
-        header, content, status = read_entry(target)
+        header, content, status = read_entry(target, bytes_pickle)
         config.signer.check(f"{kind}/{target.name}", header, content)
     except EntryRefused as refused:
         if config.on_refused is not None:
@@ -277,7 +284,7 @@ def _read_record(target: Path, config: StoreConfig) -> Record:
     return Record(metadata, payload, identity)
 
 
-def _read_payload(target: Path, config: StoreConfig) -> bytes | bytearray:
+def _read_payload(target: Path, config: StoreConfig) -> Payload:
     """A payload not kept for this read: from its file, or from the record that carries it.
     Payloads come back as the buffer they were read into."""
     try:
@@ -294,9 +301,17 @@ def _payload_path(metadata: dict, config: StoreConfig) -> Path:
     return config.root / DATA / entry_name(metadata["storage_key"])
 
 
-def _payload_of(record: Record, path: Path, config: StoreConfig) -> bytes | bytearray:
-    """The payload `record` names (at `path`): the one it carries, or its file's, read and checked."""
-    return record.payload if record.payload is not None else _read_entry(path, DATA, config)[1]
+def _payload_of(record: Record, path: Path, config: StoreConfig) -> Payload:
+    """The payload `record` names (at `path`): the one it carries, or its file's, read and checked;
+    a large bytes result in its parts (see `bytespickle`), if juicecache's serializer wrote it."""
+    if record.payload is not None:
+        return record.payload
+    return _read_entry(path, DATA, config, bytes_pickle=_raw_pickle(json.loads(record.metadata)))[1]
+
+
+def _raw_pickle(metadata: dict) -> bool:
+    """Does a record's metadata (Prefect's JSON, parsed) name juicecache's serializer for its payload?"""
+    return metadata.get("serializer", {}).get("type") == SERIALIZER_TYPE
 
 
 def _keep_payload(path: Path, record: Record, config: StoreConfig) -> None:
@@ -337,8 +352,9 @@ def _whole_record(root: Path, key: str, config: StoreConfig) -> bytes:
     found = _read_record(root / RECORDS / key, config)
     record = json.loads(found.metadata)
     payload = _payload_of(found, _payload_path(record, config), config)
-    raw = record.get("serializer", {}).get("type") == SERIALIZER_TYPE
-    result = base64.b64encode(payload).decode("ascii") if raw else payload.decode()
+    if isinstance(payload, PickledBytes):
+        payload = b"".join(payload_parts(payload))
+    result = base64.b64encode(payload).decode("ascii") if _raw_pickle(record) else payload.decode()
     return json.dumps({"metadata": record, "result": result}).encode()
 
 
@@ -444,9 +460,9 @@ class PendingPayloads:
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._waiting: dict[str, tuple[bytes | bytearray, Identity | None, float]] = {}
+        self._waiting: dict[str, tuple[Payload, Identity | None, float]] = {}
 
-    def keep(self, path: Path, content: bytes | bytearray, record: Identity | None = None) -> None:
+    def keep(self, path: Path, content: Payload, record: Identity | None = None) -> None:
         now = time.monotonic()
         with self._guard:
             self._waiting = {name: kept for name, kept in self._waiting.items() if kept[2] > now}
@@ -457,7 +473,7 @@ class PendingPayloads:
             kept = self._waiting.get(str(path))
         return kept is not None and kept[1] == record and kept[2] > time.monotonic()
 
-    def take(self, path: Path) -> bytes | bytearray | None:
+    def take(self, path: Path) -> Payload | None:
         with self._guard:
             kept = self._waiting.pop(str(path), None)
         return kept[0] if kept is not None and kept[2] > time.monotonic() else None

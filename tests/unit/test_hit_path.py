@@ -6,18 +6,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from prefect import task
 from prefect.cache_policies import INPUTS, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
-from prefect.results import ResultStore
+from prefect.results import ResultRecord, ResultStore
+from prefect.serializers import Serializer
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
+from juicecache.bytespickle import CLOSING, PickledBytes, opening
 from juicecache.entryfile import (
     DATA,
     FIRST_READ_BYTES,
@@ -33,7 +37,7 @@ from juicecache.entryfile import (
 )
 from juicecache.locking import FlockLockManager
 from juicecache.serializer import RawPickleSerializer
-from juicecache.storage import EntryStorage, StoreConfig
+from juicecache.storage import RESULTS, EntryStorage, StoreConfig
 from juicecache.transactions import commit_with_task, release_after_failed_read
 
 KEY = "task-" + "0" * 40
@@ -48,12 +52,17 @@ def _compute() -> None:
 class Volume:
     """One store on a folder, as `store.Store` assembles it, and a second process's lock manager."""
 
-    def __init__(self, root: Path, lock_timeout: float = 0.2) -> None:
+    def __init__(self, root: Path, lock_timeout: float = 0.2, serializer: Serializer | None = None) -> None:
         config = StoreConfig(root, Signer(), on_record_read=commit_with_task, on_read_failed=release_after_failed_read)
         self.records, self.data = (EntryStorage.create(kind, lambda: config) for kind in (RECORDS, DATA))
         self.locks = FlockLockManager(lambda: root / "locks", lambda: lock_timeout, committed=self.records.holds_hit)
         self.results = ResultStore(
-            result_storage=self.data, metadata_storage=self.records, serializer=RawPickleSerializer(), lock_manager=self.locks
+            result_storage=self.data,
+            metadata_storage=self.records,
+            serializer=serializer or RawPickleSerializer(),
+            lock_manager=self.locks,
+            # Every read goes to the files, as in another process: none served from what this store wrote.
+            cache_result_in_memory=False,
         )
         self.other_process = FlockLockManager(lambda: root / "locks", lambda: 0.2)
         # A task whose cache policy keeps its keys in this store, as `cached_task`'s does.
@@ -221,6 +230,63 @@ def test_a_large_result_reads_back_whole(volume: Volume) -> None:
     assert volume.locks.acquire_lock(KEY, "reader")
     assert volume.results.read(KEY, holder="reader").result == value
     volume.locks.release_lock(KEY, "reader")
+
+
+def test_a_large_bytes_result_is_read_straight_into_the_bytes_a_hit_returns(volume: Volume) -> None:
+    """Nothing to unpickle: the payload file's data is read into the bytes object the hit returns."""
+    value = os.urandom(9 << 20)
+    volume.write(value)
+    assert volume.records.holds_hit(KEY)
+    payload = volume.data.read_path(KEY)
+    assert isinstance(payload, PickledBytes) and RawPickleSerializer().loads(payload) is payload.value
+    assert payload.value == value
+
+
+@pytest.mark.parametrize("change", ["a flipped bit in the data", "the file cut short", "other opcodes after the data"])
+def test_a_large_payload_unlike_the_pickle_of_bytes_is_never_served_as_one(volume: Volume, tmp_path: Path, change: str) -> None:
+    """Damage is refused (a miss); a checked pickle with other opcodes after the data (a tuple,
+    here: any writer may store one) is unpickled as what it is, never taken for the data alone."""
+    value = os.urandom(9 << 20)
+    volume.write(value)
+    path = tmp_path / DATA / KEY
+    if change == "other opcodes after the data":
+        volume.data.write_path(KEY, opening(len(value)) + value + pickle.TUPLE1 + pickle.STOP)
+    else:
+        whole = path.read_bytes()
+        assert whole.endswith(value + CLOSING)
+        path.write_bytes(whole[:-1000] + bytes([whole[-1000] ^ 1]) + whole[-999:] if "bit" in change else whole[:-1])
+    reader = Volume(tmp_path)
+    if change == "other opcodes after the data":
+        assert reader.records.holds_hit(KEY) and reader.results.read(KEY).result == (value,)
+    else:
+        assert not reader.records.holds_hit(KEY)
+
+
+class PlainPickle(Serializer):
+    """A user's own serializer that writes plain pickles too: only juicecache's gets bytes in parts."""
+
+    type: Literal["test-plain-pickle"] = "test-plain-pickle"
+
+    def dumps(self, obj: object) -> bytes:
+        return pickle.dumps(obj, protocol=5)
+
+    def loads(self, blob: bytes) -> object:
+        return pickle.loads(blob)
+
+
+def test_a_large_bytes_result_of_another_serializer_is_given_to_it_as_read(tmp_path: Path) -> None:
+    value = os.urandom(9 << 20)
+    volume = Volume(tmp_path, serializer=PlainPickle())
+    volume.write(value)
+    assert volume.records.holds_hit(KEY) and volume.results.read(KEY).result == value
+
+
+def test_a_large_bytes_result_reads_whole_as_one_json_record(volume: Volume) -> None:
+    """What `state.result()` reads in a process that did not run the task (see `storage._whole_record`)."""
+    value = os.urandom(9 << 20)
+    volume.write(value)
+    results = EntryStorage.create(RESULTS, volume.records.config)
+    assert ResultRecord.deserialize(results.read_path(KEY)).result == value
 
 
 def test_a_payload_checked_for_a_record_since_replaced_is_read_again(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Result payloads: plain pickles, and framed ones whose large buffers stay out of the pickle
-(`serializer.Framed`), written in parts and unpickled on the buffer read, without a copy."""
+"""Result payloads: plain pickles, framed ones whose large buffers stay out of the pickle
+(`serializer.Framed`), written in parts and unpickled on the buffer read, without a copy, and a
+large bytes result written from itself (`bytespickle`)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import pytest
 from prefect.serializers import JSONSerializer
 from pydantic import BaseModel
 
-from juicecache import hugepages
+from juicecache import bytespickle, hugepages
 from juicecache.entryfile import DATA, EntryRefused, Signer
-from juicecache.serializer import FRAMED_START, OUT_OF_BAND_BYTES, Framed, Pickled, RawPickleSerializer
+from juicecache.serializer import FRAMED_START, OUT_OF_BAND_BYTES, Framed, LargeBytes, Pickled, RawPickleSerializer
 from juicecache.storage import EntryStorage, StoreConfig
 
 KEY = "task-" + "0" * 40
@@ -103,6 +104,35 @@ def test_large_bytes_stay_in_the_pickle_and_load_whole(tmp_path: Path) -> None:
     assert SERIALIZER.loads(pickle.dumps(value, protocol=2)) == value  # text opcodes: lines read from the file
 
 
+def test_a_large_bytes_result_is_written_from_itself_as_the_pickle_pickle_writes(tmp_path: Path) -> None:
+    """No copy into a pickle; and the file is the very pickle `pickle` writes, which any reader
+    (an older release too) unpickles to the same bytes. Smaller bytes, and bytes subclasses, pickle as before."""
+    value = os.urandom(OUT_OF_BAND_BYTES)
+    payload = SERIALIZER.dumps(value)
+    assert isinstance(payload, LargeBytes) and payload.parts[1] is value
+    assert b"".join(payload.parts) == pickle.dumps(value, protocol=5) == cloudpickle.dumps(value, protocol=5)
+    data_storage(tmp_path).write_path(KEY, payload)
+    written = (tmp_path / DATA / KEY).read_bytes()
+    assert pickle.loads(written[written.index(b"\n") + 1:]) == value
+    assert isinstance(SERIALIZER.dumps(value[:-1]), Pickled)
+    assert isinstance(SERIALIZER.dumps(bytearray(value)), Pickled) and isinstance(SERIALIZER.dumps(Bytes(value)), Pickled)
+
+
+class Bytes(bytes):
+    """A bytes subclass: pickled by reference to its class, never as plain bytes."""
+
+
+def test_only_the_layout_of_one_bytes_object_is_taken_for_one() -> None:
+    head = bytespickle.opening(100) + b"d" * 100
+    assert bytespickle.data_offset(head, 100 + 9) == 7
+    assert bytespickle.data_offset(head, 100 + 10) is None  # the data and its closing do not end the content
+    assert bytespickle.data_offset(head[:5], 100 + 9) is None  # cut short in its length
+    assert bytespickle.data_offset(pickle.dumps(b"d" * 100, protocol=5), 100 + 9) is None  # small: in a frame
+    assert bytespickle.data_offset(pickle.dumps([b"d" * 100_000], protocol=5), 100_000 + 9) is None
+    huge = bytespickle.opening(1 << 32)
+    assert huge[2:3] == pickle.BINBYTES8 and bytespickle.data_offset(huge, len(huge) + (1 << 32) + 2) == len(huge)
+
+
 @pytest.mark.parametrize("damage", ["a flipped bit in a buffer", "a buffer cut short", "the frame alone"])
 def test_a_damaged_framed_payload_is_refused_before_it_is_unpickled(tmp_path: Path, damage: str) -> None:
     data = data_storage(tmp_path, b"secret")
@@ -136,6 +166,9 @@ def test_parameters_in_a_json_record_are_base64_and_load(tmp_path: Path) -> None
         assert loaded["n"] == value["n"]
         if "array" in value:
             assert np.array_equal(loaded["array"], ARRAY) and loaded["array"].flags.writeable
+    large = os.urandom(OUT_OF_BAND_BYTES)
+    text = json.loads(Record(result=SERIALIZER.dumps(large)).model_dump_json())["result"]
+    assert SERIALIZER.loads(text.encode()) == large
 
 
 def test_a_large_payload_of_another_serializer_decodes(tmp_path: Path) -> None:
