@@ -268,9 +268,10 @@ def markdown(results: dict, found: list[Verdict]) -> str:
             "### Where a large result's time goes (ms, medians)",
             "",
             "Each stage timed alone, outside Prefect, as the store does it: a hit's payload file read into new memory, "
-            "checked (BLAKE3) and unpickled; a write's result pickled, hashed, written and fsynced. The rest is "
-            "Prefect's work for the task run, and the small record. The raw read and write move the same bytes "
-            "through one reused buffer.",
+            "checked (BLAKE3) and unpickled; a write's result pickled, hashed, written and fsynced. The result is one "
+            "`bytes` object: a hit reads it straight into the object it returns and a write takes it as it is, so "
+            "nothing is unpickled or pickled (0 ms). The rest is Prefect's work for the task run, and the small "
+            "record. The raw read and write move the same bytes through one reused buffer.",
             "",
             "| backend | size | hit | read | check | unpickle | the rest | raw read | write | pickle | hash | "
             "write+fsync | the rest | raw write |",
