@@ -224,8 +224,9 @@ def test_a_longer_or_shorter_file_than_its_header_says_is_refused(tmp_path: Path
 
 
 def test_a_large_result_reads_back_whole(volume: Volume) -> None:
-    """Read straight into one buffer of its size (`entryfile.read_entry`), then unpickled."""
-    value = os.urandom(9 << 20)
+    """Read straight into one buffer of its size (`entryfile.read_entry`), then unpickled (a
+    bytes object inside another result: a bytes result alone is read as such, below)."""
+    value = [os.urandom(9 << 20), "text"]
     volume.write(value)
     assert volume.locks.acquire_lock(KEY, "reader")
     assert volume.results.read(KEY, holder="reader").result == value
