@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import collections
 import errno
+import functools
 import json
 import logging
 import os
@@ -180,10 +181,9 @@ class EntryStorage(WritableFileSystem):
             return False
         try:
             record = _read_record(record_path, config)
-            metadata = json.loads(record.metadata)
-            if _expires_soon(metadata.get("expiration")):
+            if _expires_soon(record.fields.get("expiration")):
                 return False
-            _keep_payload(_payload_path(metadata, config), record, config)
+            _keep_payload(_payload_path(record.fields, config), record, config)
         except (OSError, ValueError, KeyError, TypeError):
             return False
         config.reads.records.keep(record_path, record, trusted_reads=2)
@@ -198,7 +198,7 @@ class EntryStorage(WritableFileSystem):
         kept for the read that follows, so a hit reads and hashes it once; it is read again
         for any other record file that names it.
         """
-        payload = _payload_path(json.loads(record.metadata), config)
+        payload = _payload_path(record.fields, config)
         if not config.reads.payloads.holds(payload, record.identity):
             _keep_payload(payload, record, config)
 
@@ -260,6 +260,11 @@ class Record:
     payload: bytes | None  # None: the payload is a file of its own, in `data/`
     identity: Identity
 
+    @functools.cached_property
+    def fields(self) -> dict:
+        """Prefect's metadata, parsed once per record read (a hit asks for it several times)."""
+        return json.loads(self.metadata)
+
 
 def _read_entry(
     target: Path, kind: str, config: StoreConfig, bytes_pickle: bool = False
@@ -291,7 +296,7 @@ def _read_payload(target: Path, config: StoreConfig) -> Payload:
         return _read_entry(target, DATA, config)[1]
     except FileNotFoundError:
         record = _read_record(config.root / RECORDS / target.name, config)
-        if record.payload is None or _payload_path(json.loads(record.metadata), config) != target:
+        if record.payload is None or _payload_path(record.fields, config) != target:
             raise
         return record.payload
 
@@ -306,7 +311,7 @@ def _payload_of(record: Record, path: Path, config: StoreConfig) -> Payload:
     a large bytes result in its parts (see `bytespickle`), if juicecache's serializer wrote it."""
     if record.payload is not None:
         return record.payload
-    return _read_entry(path, DATA, config, bytes_pickle=_raw_pickle(json.loads(record.metadata)))[1]
+    return _read_entry(path, DATA, config, bytes_pickle=_raw_pickle(record.fields))[1]
 
 
 def _raw_pickle(metadata: dict) -> bool:
@@ -350,7 +355,7 @@ def _whole_record(root: Path, key: str, config: StoreConfig) -> bytes:
     Prefect reads from a result storage that has no separate metadata storage: what
     `state.result()` and `future.result()` read in a process that did not run the task."""
     found = _read_record(root / RECORDS / key, config)
-    record = json.loads(found.metadata)
+    record = found.fields
     payload = _payload_of(found, _payload_path(record, config), config)
     if isinstance(payload, PickledBytes):
         payload = b"".join(payload_parts(payload))
