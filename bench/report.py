@@ -84,7 +84,7 @@ def verdicts(results: dict) -> list[Verdict]:
                     task_metric, raw_metric, _ = STAGES[what]
                     share = median(s[f"{raw_metric}_{mib}"][slug]) / median(s[f"{task_metric}_{mib}"][slug])
                     stages = _stages(s, slug, mib, what)
-                    found.append(Verdict(f"{names[slug]} {mib} MiB {what} >= {least:.0%} of raw {what.replace('hit', 'read')}",
+                    found.append(Verdict(f"{names[slug]} {mib} MiB {what} >= {least:.0%} of {_raw(what)}",
                                          profile, f"{share:.0%}{stages}", share >= least))
         for slug in volumes:
             warm = median(s["warm_hit_small"][slug])
@@ -152,8 +152,12 @@ def _stages(s: dict, slug: str, mib: int, what: str) -> str:
     """Where the task's time went: what limits a large-result verdict."""
     ms, labels = _stage_ms(s, slug, mib, what), STAGES[what][2]
     timed = ", ".join(f"{label} {ms[stage]:.0f}" for stage, label in labels.items())
-    raw = "raw read" if what == "hit" else "raw write"
-    return f" ({what} {ms['task']:.0f} ms: {timed}, the rest {ms['rest']:.0f}; {raw} {ms['raw']:.0f} ms)"
+    return f" ({what} {ms['task']:.0f} ms: {timed}, the rest {ms['rest']:.0f}; {_raw(what)} {ms['raw']:.0f} ms)"
+
+
+def _raw(what: str) -> str:
+    """The mount's own operation a large hit or write is measured against."""
+    return "raw read" if what == "hit" else "raw write"
 
 
 def _entry_file(s: dict, slug: str) -> str:
